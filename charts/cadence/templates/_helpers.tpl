@@ -1,0 +1,297 @@
+{{/*
+cadence.name: the chart name, or nameOverride; truncated to the 63 characters a label allows.
+*/}}
+{{- define "cadence.name" -}}
+{{- default .Chart.Name .Values.nameOverride | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{/*
+cadence.fullname: the prefix of every resource name: fullnameOverride, else `<release>-<name>`
+(just `<release>` when it already contains the name). 40 characters leave room for the
+longest suffix (`-inference-metrics`) inside the 63-character limit of Service names.
+*/}}
+{{- define "cadence.fullname" -}}
+{{- if .Values.fullnameOverride }}
+{{- .Values.fullnameOverride | trunc 40 | trimSuffix "-" }}
+{{- else }}
+{{- $name := default .Chart.Name .Values.nameOverride }}
+{{- if contains $name .Release.Name }}
+{{- .Release.Name | trunc 40 | trimSuffix "-" }}
+{{- else }}
+{{- printf "%s-%s" .Release.Name $name | trunc 40 | trimSuffix "-" }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{/*
+cadence.component.fullname: the name of one service's objects. Call with (dict "root" $ "component" "inference").
+*/}}
+{{- define "cadence.component.fullname" -}}
+{{- printf "%s-%s" (include "cadence.fullname" .root) .component }}
+{{- end }}
+
+{{/*
+cadence.chart: `<name>-<version>` for the helm.sh/chart label.
+*/}}
+{{- define "cadence.chart" -}}
+{{- printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{/*
+cadence.labels: the full app.kubernetes.io label set of an object. Call with (dict "root" $ "component" "x").
+*/}}
+{{- define "cadence.labels" -}}
+helm.sh/chart: {{ include "cadence.chart" .root }}
+{{ include "cadence.selectorLabels" . }}
+app.kubernetes.io/version: {{ .root.Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .root.Release.Service }}
+app.kubernetes.io/part-of: cadence
+{{- end }}
+
+{{/*
+cadence.selectorLabels: the immutable subset used by selectors: name, instance, component.
+*/}}
+{{- define "cadence.selectorLabels" -}}
+app.kubernetes.io/name: {{ include "cadence.name" .root }}
+app.kubernetes.io/instance: {{ .root.Release.Name }}
+app.kubernetes.io/component: {{ .component }}
+{{- end }}
+
+{{/*
+cadence.metadata: name, namespace and labels of one object. Call with (dict "root" $ "component" "x"
+"name" "optional-name-suffix"). The namespace is always explicit.
+*/}}
+{{- define "cadence.metadata" -}}
+name: {{ include "cadence.component.fullname" . }}{{ with .suffix }}-{{ . }}{{ end }}
+namespace: {{ .root.Release.Namespace }}
+labels:
+  {{- include "cadence.labels" . | nindent 2 }}
+{{- end }}
+
+{{/*
+cadence.serviceAccountName: the ServiceAccount pods run as.
+*/}}
+{{- define "cadence.serviceAccountName" -}}
+{{- if .Values.serviceAccount.create }}
+{{- default (include "cadence.fullname" .) .Values.serviceAccount.name }}
+{{- else }}
+{{- required "serviceAccount.name is required when serviceAccount.create is false (name an existing ServiceAccount)" .Values.serviceAccount.name }}
+{{- end }}
+{{- end }}
+
+{{/*
+cadence.image: a service image `<repository>-<component>:<tag>[@digest]`, with per-service overrides.
+Call with (dict "root" $ "component" "inference" "values" .Values.inference).
+*/}}
+{{- define "cadence.image" -}}
+{{- $global := .root.Values.image }}
+{{- $repository := .values.image.repository | default (printf "%s-%s" $global.repository .component) }}
+{{- $tag := .values.image.tag | default $global.tag | default .root.Chart.AppVersion }}
+{{- printf "%s:%s" $repository $tag }}{{ with $global.digest }}@{{ . }}{{ end }}
+{{- end }}
+
+{{/*
+cadence.redisUrl: the env entry CADENCE_REDIS_URL: the bundled Redis, an external URL, or a Secret.
+*/}}
+{{- define "cadence.redisUrlEnv" -}}
+- name: CADENCE_REDIS_URL
+{{- if .Values.redis.enabled }}
+  value: {{ printf "redis://%s:%d/0" (include "cadence.component.fullname" (dict "root" . "component" "redis")) (int .Values.redis.port) | quote }}
+{{- else if .Values.redis.external.existingSecret }}
+  valueFrom:
+    secretKeyRef:
+      name: {{ .Values.redis.external.existingSecret }}
+      key: {{ .Values.redis.external.secretKey }}
+{{- else }}
+  value: {{ required "redis.external.url (or redis.external.existingSecret) is required when redis.enabled is false" .Values.redis.external.url | quote }}
+{{- end }}
+{{- end }}
+
+{{/*
+cadence.commonEnv: settings every Cadence container shares: run id, Redis, logging, writable caches.
+*/}}
+{{- define "cadence.commonEnv" -}}
+- name: CADENCE_RUN_ID
+  value: {{ .Values.run.id | quote }}
+{{ include "cadence.redisUrlEnv" . }}
+- name: CADENCE_LOG_LEVEL
+  value: {{ .Values.logging.level | quote }}
+- name: CADENCE_LOG_FORMAT
+  value: {{ .Values.logging.format | quote }}
+- name: CADENCE_HOME
+  value: /var/cache/cadence
+- name: HOME
+  value: /tmp
+- name: HF_HOME
+  value: /var/cache/cadence/hf
+- name: XDG_CACHE_HOME
+  value: /var/cache/cadence/xdg
+{{- end }}
+
+{{/*
+cadence.brokerAddr: host:port of the broker Service.
+*/}}
+{{- define "cadence.brokerAddr" -}}
+{{- printf "%s:%d" (include "cadence.component.fullname" (dict "root" . "component" "broker")) (int .Values.broker.grpcPort) }}
+{{- end }}
+
+{{/*
+cadence.grpcProbes: native gRPC probes on the standard grpc.health.v1 service every server runs.
+startupProbe carries the model-loading budget; liveness and readiness start only after it passes.
+Call with (dict "port" 50051 "startup" .Values.inference.startupProbe).
+*/}}
+{{- define "cadence.grpcProbes" -}}
+startupProbe:
+  grpc:
+    port: {{ .port }}
+  periodSeconds: {{ .startup.periodSeconds | default 5 }}
+  failureThreshold: {{ .startup.failureThreshold | default 60 }}
+  timeoutSeconds: 5
+livenessProbe:
+  grpc:
+    port: {{ .port }}
+  periodSeconds: 20
+  timeoutSeconds: 5
+  failureThreshold: 3
+readinessProbe:
+  grpc:
+    port: {{ .port }}
+  periodSeconds: 10
+  timeoutSeconds: 5
+  failureThreshold: 3
+{{- end }}
+
+{{/*
+cadence.resources: a container's resources with `gpus` GPUs added to requests and limits under
+gpu.resourceName. Call with (dict "root" $ "values" .Values.inference "name" "inference").
+*/}}
+{{- define "cadence.resources" -}}
+{{- $resources := deepCopy (.values.resources | default dict) }}
+{{- $gpus := int (.values.gpus | default 0) }}
+{{- if gt $gpus 0 }}
+{{- $gpuName := required (printf "gpu.resourceName must name the GPU resource (e.g. nvidia.com/gpu) because %s.gpus is %d" .name $gpus) .root.Values.gpu.resourceName }}
+{{- $_ := set $resources "limits" (merge (dict $gpuName $gpus) ($resources.limits | default dict)) }}
+{{- $_ := set $resources "requests" (merge (dict $gpuName $gpus) ($resources.requests | default dict)) }}
+{{- end }}
+{{- if not (and $resources.requests $resources.limits) }}
+{{- fail (printf "%s.resources needs both requests and limits (cpu and memory): every Cadence container is sized" .name) }}
+{{- end }}
+{{- toYaml $resources }}
+{{- end }}
+
+{{/*
+cadence.podSecurity: the pod-level securityContext and the hardened container securityContext,
+as two named values; each template places them. Containers always get .Values.securityContext.
+*/}}
+{{- define "cadence.containerSecurityContext" -}}
+{{- toYaml .Values.securityContext }}
+{{- end }}
+
+{{/*
+cadence.podCommon: pod spec fields every Cadence pod shares: service account, pull secrets, pod
+securityContext, scheduling. Call with (dict "root" $ "values" .Values.inference).
+*/}}
+{{- define "cadence.podCommon" -}}
+serviceAccountName: {{ include "cadence.serviceAccountName" .root }}
+automountServiceAccountToken: false
+securityContext:
+  {{- toYaml .root.Values.podSecurityContext | nindent 2 }}
+{{- with .root.Values.imagePullSecrets }}
+imagePullSecrets:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- with .values.nodeSelector }}
+nodeSelector:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- with .values.tolerations }}
+tolerations:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- with .values.affinity }}
+affinity:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- with .values.runtimeClassName }}
+runtimeClassName: {{ . }}
+{{- end }}
+{{- with .values.priorityClassName }}
+priorityClassName: {{ . }}
+{{- end }}
+{{- end }}
+
+{{/*
+cadence.podAnnotations: scrape annotations (when metrics.scrapeAnnotations) plus the service's own.
+Call with (dict "root" $ "values" .Values.inference "port" 9090 "path" "/metrics").
+*/}}
+{{- define "cadence.podAnnotations" -}}
+{{- if .root.Values.metrics.scrapeAnnotations }}
+prometheus.io/scrape: "true"
+prometheus.io/port: {{ .port | quote }}
+prometheus.io/path: {{ .path | default "/metrics" | quote }}
+{{- end }}
+{{- with .values.podAnnotations }}
+{{ toYaml . }}
+{{- end }}
+{{- end }}
+
+{{/*
+cadence.cacheVolumes: writable paths under a read-only root filesystem: /tmp, the cache
+(CADENCE_HOME, HF_HOME) and, when models.existingClaim is set, the read-only model claim.
+*/}}
+{{- define "cadence.cacheVolumes" -}}
+- name: tmp
+  emptyDir: {}
+- name: cache
+  emptyDir: {}
+{{- with .Values.models.existingClaim }}
+- name: models
+  persistentVolumeClaim:
+    claimName: {{ . }}
+    readOnly: true
+{{- end }}
+{{- end }}
+
+{{/*
+cadence.cacheMounts: the mounts matching cadence.cacheVolumes.
+*/}}
+{{- define "cadence.cacheMounts" -}}
+- name: tmp
+  mountPath: /tmp
+- name: cache
+  mountPath: /var/cache/cadence
+{{- if .Values.models.existingClaim }}
+- name: models
+  mountPath: {{ .Values.models.mountPath }}
+  readOnly: true
+{{- end }}
+{{- end }}
+
+{{/*
+cadence.seedInit: the init container that builds a seed model into the cache (models.seed.enabled),
+so a CPU cluster needs no model hub. Call with (dict "root" $ "values" .Values.inference "component" "inference").
+*/}}
+{{- define "cadence.seedInit" -}}
+{{- if .root.Values.models.seed.enabled }}
+- name: seed-model
+  image: {{ include "cadence.image" . }}
+  imagePullPolicy: {{ .root.Values.image.pullPolicy }}
+  args: ["seed-model", {{ .root.Values.models.seed.name | quote }}]
+  env:
+    {{- include "cadence.commonEnv" .root | nindent 4 }}
+  resources:
+    {{- toYaml .root.Values.models.seed.resources | nindent 4 }}
+  securityContext:
+    {{- include "cadence.containerSecurityContext" .root | nindent 4 }}
+  volumeMounts:
+    {{- include "cadence.cacheMounts" .root | nindent 4 }}
+{{- end }}
+{{- end }}
+
+{{/*
+cadence.checkovSkip: a checkov.io/skip annotation with its written justification (also listed in
+README.md). Call with (dict "n" 1 "check" "CKV_K8S_43" "why" "...").
+*/}}
+{{- define "cadence.checkovSkip" -}}
+checkov.io/skip{{ .n }}: {{ printf "%s=%s" .check .why | quote }}
+{{- end }}

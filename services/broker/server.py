@@ -1,0 +1,140 @@
+"""The `cadence.v1.Broker` servicer: a thin gRPC shell around `WeightStore`, plus its Prometheus metrics.
+
+Publish verifies every chunk as it arrives (`cadence.weights.Assembler`) and hands the store a complete,
+verified payload, so a publisher that disconnects midway leaves nothing visible. Errors are raised as
+`cadence.errors` types; the interceptor in `cadence.grpc` maps them to status codes.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+
+import grpc
+from prometheus_client import Counter, Gauge, Histogram
+
+from cadence.broker.store import WeightStore, check_run_id
+from cadence.errors import IntegrityError, InvalidRequest, NotFound, Overloaded
+from cadence.logging import get_logger
+from cadence.v1 import broker_pb2, broker_pb2_grpc, common_pb2
+from cadence.weights import Assembler, iter_chunks
+
+log = get_logger(__name__)
+
+_SIZE_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 120, 300)
+VERSIONS = Gauge("cadence_broker_versions", "Visible weight versions held")
+STORED_BYTES = Gauge("cadence_broker_stored_bytes", "Payload bytes held (evicted versions still being read included)")
+STAGING_BYTES = Gauge("cadence_broker_staging_bytes", "Payload bytes of publishes in flight")
+BYTES_IN = Counter("cadence_broker_bytes_in", "Payload bytes received by Publish")
+BYTES_OUT = Counter("cadence_broker_bytes_out", "Payload bytes sent by Fetch")
+ACTIVE_FETCHES = Gauge("cadence_broker_active_fetches", "Fetch streams in progress")
+WATCHERS = Gauge("cadence_broker_watchers", "Watch streams open")
+PUBLISH_SECONDS = Histogram("cadence_broker_publish_seconds", "Publish duration (accepted)", buckets=_SIZE_BUCKETS)
+FETCH_SECONDS = Histogram("cadence_broker_fetch_seconds", "Fetch duration (complete)", buckets=_SIZE_BUCKETS)
+PUBLISH_FAILURES = Counter("cadence_broker_publish_failures", "Publishes refused or abandoned", ["reason"])
+FETCH_RESUMES = Counter("cadence_broker_fetch_resumes", "Fetches that resumed from a non-zero offset")
+
+
+class BrokerServicer(broker_pb2_grpc.BrokerServicer):
+    """Decode, call the store, encode."""
+
+    def __init__(self, store: WeightStore, *, max_streams: int = 56, poll_seconds: float = 0.5) -> None:
+        self.store = store
+        self.max_streams = max_streams
+        self.poll_seconds = poll_seconds
+        VERSIONS.set_function(lambda: len(self.store.versions()))
+        STORED_BYTES.set_function(lambda: self.store.stats().stored_bytes)
+        STAGING_BYTES.set_function(lambda: self.store.stats().staging_bytes)
+        WATCHERS.set_function(lambda: self.store.stats().watchers)
+
+    def Publish(
+        self, request_iterator: Iterator[common_pb2.WeightChunk], context: grpc.ServicerContext
+    ) -> common_pb2.VersionInfo:
+        started = time.monotonic()
+        try:
+            info = self._publish(request_iterator)
+        except Exception as error:
+            reason = "cancelled" if not context.is_active() else type(error).__name__
+            PUBLISH_FAILURES.labels(reason=reason).inc()
+            raise
+        PUBLISH_SECONDS.observe(time.monotonic() - started)
+        return info
+
+    def _publish(self, request_iterator: Iterator[common_pb2.WeightChunk]) -> common_pb2.VersionInfo:
+        first = next(request_iterator, None)
+        if first is None or first.WhichOneof("body") != "manifest":
+            raise InvalidRequest("a Publish stream starts with the manifest, then the data chunks")
+        manifest = first.manifest
+        existing = self.store.check_publish(manifest)
+        if existing is not None:
+            log.info("idempotent re-publish", extra={"run_id": manifest.run_id, "version": manifest.version})
+            return existing
+        with self.store.reserve(manifest.total_bytes):
+            assembler = Assembler(manifest)
+            for message in request_iterator:
+                if message.WhichOneof("body") != "data":
+                    raise InvalidRequest("only data chunks may follow the manifest in a Publish stream")
+                if assembler.complete:
+                    raise IntegrityError(f"data beyond the manifest's {manifest.total_bytes} bytes")
+                assembler.add(message.data, message.offset)
+                BYTES_IN.inc(len(message.data))
+            return self.store.put(manifest, assembler.finish())
+
+    def Latest(self, request: broker_pb2.LatestRequest, context: grpc.ServicerContext) -> common_pb2.VersionInfo:
+        latest = self.store.latest(check_run_id(request.run_id))
+        if latest is None:
+            raise NotFound(f"run {request.run_id!r} has no published version yet; wait for the trainer's first publish")
+        return latest
+
+    def Watch(
+        self, request: broker_pb2.WatchRequest, context: grpc.ServicerContext
+    ) -> Iterator[common_pb2.VersionInfo]:
+        run_id = check_run_id(request.run_id)
+        self._admit_stream("Watch")
+        # The stream ends cleanly (OK) when the broker drains; clients then reconnect to its replacement.
+        yield from self.store.watch(
+            run_id, request.after_version, should_stop=lambda: not context.is_active(), poll=self.poll_seconds
+        )
+
+    def Fetch(
+        self, request: broker_pb2.FetchRequest, context: grpc.ServicerContext
+    ) -> Iterator[common_pb2.WeightChunk]:
+        self._admit_stream("Fetch")
+        reader = self.store.open(check_run_id(request.run_id), request.version)
+        context.add_callback(reader.close)  # a cancelled stream may never resume the generator
+        ACTIVE_FETCHES.inc()
+        started = time.monotonic()
+        try:
+            if request.offset:
+                FETCH_RESUMES.inc()
+            for chunk in iter_chunks(reader.manifest, reader.payload, request.offset):
+                yield chunk
+                BYTES_OUT.inc(len(chunk.data))
+            FETCH_SECONDS.observe(time.monotonic() - started)
+        finally:
+            ACTIVE_FETCHES.dec()
+            reader.close()
+
+    def Status(self, request: broker_pb2.BrokerStatusRequest, context: grpc.ServicerContext) -> broker_pb2.BrokerStatus:
+        stats = self.store.stats()
+        return broker_pb2.BrokerStatus(
+            versions=stats.versions,
+            stored_bytes=stats.stored_bytes,
+            active_fetches=stats.active_reads,
+            watchers=stats.watchers,
+            retain=stats.retain,
+        )
+
+    def _admit_stream(self, method: str) -> None:
+        """Streams hold a server thread each: refuse beyond `max_streams` rather than hang new calls."""
+        stats = self.store.stats()
+        if stats.watchers + stats.active_reads >= self.max_streams:
+            raise Overloaded(
+                f"{method} refused: {stats.watchers} watches and {stats.active_reads} fetches already hold the "
+                f"broker's {self.max_streams} stream slots; retry shortly (clients back off) or add a broker",
+                retry_after=1.0,
+            )
+
+    def close(self) -> None:
+        """Drain: refuse new publishes and end every watch so the server can stop."""
+        self.store.close()

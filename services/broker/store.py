@@ -1,0 +1,429 @@
+"""The broker's versioned weight store: payloads plus manifests, in memory or on a directory (a PVC).
+
+A version becomes visible only once it is complete and verified (the caller assembles and checks the chunks,
+`put` stores the result in one step). Per run it keeps the newest `retain` versions plus any older version a
+fetch is still reading (reference counted), and never holds more than `max_bytes` of payload, publishes in
+flight included. The directory store writes each version into a temporary folder and renames it into place,
+so a crash never leaves half a version visible, and it reloads (and re-verifies) what is on disk at start.
+
+Pure logic: no gRPC. `cadence.broker.server` is the transport around it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import mmap
+import os
+import re
+import shutil
+import threading
+import time
+import uuid
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+from cadence.errors import (
+    ConfigError,
+    Conflict,
+    InvalidRequest,
+    NotReady,
+    Overloaded,
+    TooLarge,
+    VersionNotFound,
+)
+from cadence.logging import get_logger
+from cadence.v1.common_pb2 import VersionInfo, WeightManifest
+from cadence.weights import validate_manifest, version_info
+
+log = get_logger(__name__)
+
+_RUN_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+_VERSION_DIR = re.compile(r"^v(\d{12})$")
+Payload = bytes | bytearray | mmap.mmap
+
+
+@dataclass
+class _Slot:
+    """One stored version; `evicted` slots stay only while `readers` > 0 and are invisible to new fetches."""
+
+    info: VersionInfo
+    manifest: WeightManifest
+    payload: Payload
+    path: Path | None = None
+    readers: int = 0
+    evicted: bool = False
+
+
+@dataclass(frozen=True)
+class StoreStats:
+    """What `Status` and the metrics report."""
+
+    versions: list[VersionInfo]
+    stored_bytes: int
+    staging_bytes: int
+    max_bytes: int
+    active_reads: int
+    watchers: int
+    retain: int
+
+
+class Reader:
+    """A held reference to one version; `close()` (or leaving the `with`) lets eviction reclaim it."""
+
+    def __init__(self, store: WeightStore, slot: _Slot) -> None:
+        self._store = store
+        self._slot = slot
+        self._closed = False
+
+    @property
+    def info(self) -> VersionInfo:
+        return self._slot.info
+
+    @property
+    def manifest(self) -> WeightManifest:
+        return self._slot.manifest
+
+    @property
+    def payload(self) -> Payload:
+        return self._slot.payload
+
+    def close(self) -> None:
+        """Release the reference (idempotent)."""
+        if not self._closed:
+            self._closed = True
+            self._store._release(self._slot)
+
+    def __enter__(self) -> Reader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def check_run_id(run_id: str) -> str:
+    """Run ids name folders on the volume, so they are restricted to a safe alphabet."""
+    if not _RUN_ID.match(run_id):
+        raise InvalidRequest(
+            f"run id {run_id!r} is not valid: use 1-128 characters from A-Z a-z 0-9 . _ - (not starting with . _ -)"
+        )
+    return run_id
+
+
+class WeightStore(ABC):
+    """Versions per run with retention, reference counting, a byte budget and change notification."""
+
+    def __init__(self, retain: int = 2, max_bytes: int = 16 << 30) -> None:
+        if retain < 1:
+            raise ConfigError("retain must be at least 1 (the newest version is always kept)")
+        if max_bytes < 1:
+            raise ConfigError("max_bytes must be positive (CADENCE_MAX_BYTES)")
+        self.retain = retain
+        self.max_bytes = max_bytes
+        self._cond = threading.Condition()
+        self._publish_lock = threading.Lock()
+        self._runs: dict[str, dict[int, _Slot]] = {}
+        self._staging = 0
+        self._watchers = 0
+        self._closed = False
+
+    # -- publishing -------------------------------------------------------------------------------------
+
+    def check_publish(self, manifest: WeightManifest) -> VersionInfo | None:
+        """Validate a manifest before its data arrives.
+
+        Returns the stored version's info for an idempotent re-publish (same version, same digest), None when
+        the data should be sent; raises InvalidRequest or Conflict otherwise.
+        """
+        validate_manifest(manifest)
+        check_run_id(manifest.run_id)
+        if manifest.total_bytes > self.max_bytes:
+            raise TooLarge(
+                f"version {manifest.version} is {manifest.total_bytes} bytes but the broker holds at most "
+                f"{self.max_bytes}; raise CADENCE_MAX_BYTES to at least (retain + 1) × the version size"
+            )
+        with self._cond:
+            if self._closed:
+                raise NotReady("the broker is shutting down; publish to its replacement")
+            return self._admit(manifest)
+
+    @contextmanager
+    def reserve(self, nbytes: int) -> Iterator[None]:
+        """Count a publish's bytes against `max_bytes` while its data is in flight."""
+        with self._cond:
+            held = self._stored_bytes()
+            if held + self._staging + nbytes > self.max_bytes:
+                raise Overloaded(
+                    f"the broker holds {held} bytes and receives {self._staging} more; {nbytes} more would "
+                    f"exceed max_bytes={self.max_bytes}: retry once fetches of evicted versions finish, or "
+                    f"raise CADENCE_MAX_BYTES to at least (retain + 1) × the version size",
+                    retry_after=2.0,
+                )
+            self._staging += nbytes
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._staging -= nbytes
+
+    def put(self, manifest: WeightManifest, payload: Payload) -> VersionInfo:
+        """Store a complete, verified payload and make it visible; evict beyond `retain`."""
+        if len(payload) != manifest.total_bytes:
+            raise InvalidRequest(f"payload is {len(payload)} bytes, the manifest says {manifest.total_bytes}")
+        with self._publish_lock:
+            with self._cond:
+                existing = self._admit(manifest)
+            if existing is not None:
+                return existing
+            info = version_info(manifest, published_unix=time.time())
+            stored, path = self._persist(manifest, payload, info)
+            with self._cond:
+                self._runs.setdefault(info.run_id, {})[info.version] = _Slot(info, manifest, stored, path)
+                self._evict(info.run_id)
+                self._cond.notify_all()
+        log.info("published", extra={"run_id": info.run_id, "version": info.version, "bytes": info.total_bytes})
+        return info
+
+    # -- reading ----------------------------------------------------------------------------------------
+
+    def latest(self, run_id: str) -> VersionInfo | None:
+        with self._cond:
+            held = self._held(run_id)
+        return held[-1] if held else None
+
+    def versions(self, run_id: str | None = None) -> list[VersionInfo]:
+        """Visible versions, oldest first (all runs when `run_id` is None)."""
+        with self._cond:
+            runs = [run_id] if run_id is not None else sorted(self._runs)
+            return [info for run in runs for info in self._held(run)]
+
+    def open(self, run_id: str, version: int) -> Reader:
+        """Hold a version for reading; raises VersionNotFound naming the versions available."""
+        with self._cond:
+            slot = self._runs.get(run_id, {}).get(version)
+            if slot is None or slot.evicted:
+                held = [info.version for info in self._held(run_id)]
+                raise VersionNotFound(
+                    f"version {version} of run {run_id!r} is not held (evicted or never published); "
+                    f"available: {held or 'none yet'}; fetch the latest instead"
+                )
+            slot.readers += 1
+            return Reader(self, slot)
+
+    def watch(
+        self, run_id: str, after: int, should_stop: Callable[[], bool], poll: float = 0.5
+    ) -> Iterator[VersionInfo]:
+        """The latest version first if newer than `after`, then every newer version in order.
+
+        Ends when the store closes or `should_stop()` turns true (checked every `poll` seconds). A watcher
+        that falls so far behind that a version was evicted simply skips it.
+        """
+        with self._cond:
+            self._watchers += 1
+        try:
+            last, first = after, True
+            while True:
+                with self._cond:
+                    while not (self._closed or should_stop() or self._newer(run_id, last)):
+                        self._cond.wait(poll)
+                    if self._closed or should_stop():
+                        return
+                    newer = self._newer(run_id, last)
+                for info in newer[-1:] if first else newer:
+                    yield info
+                    last = info.version
+                first = False
+        finally:
+            with self._cond:
+                self._watchers -= 1
+
+    def stats(self) -> StoreStats:
+        with self._cond:
+            return StoreStats(
+                versions=[info for run in sorted(self._runs) for info in self._held(run)],
+                stored_bytes=self._stored_bytes(),
+                staging_bytes=self._staging,
+                max_bytes=self.max_bytes,
+                active_reads=sum(slot.readers for slots in self._runs.values() for slot in slots.values()),
+                watchers=self._watchers,
+                retain=self.retain,
+            )
+
+    def close(self) -> None:
+        """Refuse new publishes and end every watch (the server's drain)."""
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+
+    # -- internals (call with self._cond held) ------------------------------------------------------------
+
+    def _admit(self, manifest: WeightManifest) -> VersionInfo | None:
+        run_id, version = manifest.run_id, manifest.version
+        slot = self._runs.get(run_id, {}).get(version)
+        if slot is not None and not slot.evicted:
+            if slot.info.sha256 == manifest.sha256:
+                return slot.info
+            raise Conflict(
+                f"version {version} of run {run_id!r} is already published with another payload "
+                f"(sha256 {slot.info.sha256[:12]}…, this one {manifest.sha256[:12]}…); publish it as a new version"
+            )
+        held = self._held(run_id)
+        if held and version <= held[-1].version:
+            raise Conflict(
+                f"version {version} of run {run_id!r} is not newer than the latest, {held[-1].version}; "
+                f"publish a version greater than {held[-1].version}"
+            )
+        return None
+
+    def _held(self, run_id: str) -> list[VersionInfo]:
+        slots = self._runs.get(run_id, {})
+        return [slots[v].info for v in sorted(slots) if not slots[v].evicted]
+
+    def _newer(self, run_id: str, after: int) -> list[VersionInfo]:
+        return [info for info in self._held(run_id) if info.version > after]
+
+    def _stored_bytes(self) -> int:
+        return sum(slot.info.total_bytes for slots in self._runs.values() for slot in slots.values())
+
+    def _evict(self, run_id: str) -> None:
+        slots = self._runs[run_id]
+        visible = [v for v in sorted(slots) if not slots[v].evicted]
+        for version in visible[: max(0, len(visible) - self.retain)]:
+            slots[version].evicted = True
+            if slots[version].readers == 0:
+                self._drop(run_id, version)
+
+    def _drop(self, run_id: str, version: int) -> None:
+        slot = self._runs[run_id].pop(version)
+        self._discard(slot)
+        log.info("evicted", extra={"run_id": run_id, "version": version})
+
+    def _release(self, slot: _Slot) -> None:
+        with self._cond:
+            slot.readers -= 1
+            if slot.evicted and slot.readers == 0:
+                self._drop(slot.info.run_id, slot.info.version)
+
+    # -- backend ------------------------------------------------------------------------------------------
+
+    @abstractmethod
+    def _persist(self, manifest: WeightManifest, payload: Payload, info: VersionInfo) -> tuple[Payload, Path | None]:
+        """Make the payload durable in this backend; return what readers read and where it lives."""
+
+    @abstractmethod
+    def _discard(self, slot: _Slot) -> None:
+        """Free an evicted version nobody reads any more."""
+
+
+class MemoryStore(WeightStore):
+    """Payloads held in process memory; gone when the broker restarts (trainers re-publish)."""
+
+    def _persist(self, manifest: WeightManifest, payload: Payload, info: VersionInfo) -> tuple[Payload, Path | None]:
+        return payload, None  # the caller hands over its buffer: no copy
+
+    def _discard(self, slot: _Slot) -> None:
+        slot.payload = b""
+
+
+class DirectoryStore(WeightStore):
+    """Payloads on a directory (`<root>/<run_id>/v<version>/`), read through mmap; survives restarts."""
+
+    def __init__(self, root: Path, retain: int = 2, max_bytes: int = 16 << 30) -> None:
+        super().__init__(retain, max_bytes)
+        self.root = Path(root)
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+        except OSError as error:
+            raise ConfigError(
+                f"cannot create the store directory {self.root}: {error}; pass a writable --store"
+            ) from error
+        self._load()
+
+    def _persist(self, manifest: WeightManifest, payload: Payload, info: VersionInfo) -> tuple[Payload, Path | None]:
+        run_dir = self.root / info.run_id
+        run_dir.mkdir(exist_ok=True)
+        tmp = run_dir / f".tmp-{info.version}-{uuid.uuid4().hex}"
+        final = run_dir / f"v{info.version:012d}"
+        tmp.mkdir()
+        try:
+            _write_synced(tmp / "payload.bin", payload)
+            _write_synced(tmp / "manifest.pb", manifest.SerializeToString())
+            _write_synced(tmp / "info.json", json.dumps({"published_unix": info.published_unix}).encode())
+            os.rename(tmp, final)
+            _fsync_dir(run_dir)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        return _map(final / "payload.bin", info.total_bytes), final
+
+    def _discard(self, slot: _Slot) -> None:
+        if isinstance(slot.payload, mmap.mmap):
+            slot.payload.close()
+        if slot.path is not None:
+            shutil.rmtree(slot.path, ignore_errors=True)
+
+    def _load(self) -> None:
+        """Reload verified versions, delete leftovers of interrupted writes, then apply retention."""
+        for run_dir in sorted(p for p in self.root.iterdir() if p.is_dir() and _RUN_ID.match(p.name)):
+            for entry in sorted(run_dir.iterdir()):
+                if entry.name.startswith(".tmp-"):
+                    log.warning("removing an interrupted publish", extra={"path": str(entry)})
+                    shutil.rmtree(entry, ignore_errors=True)
+                elif _VERSION_DIR.match(entry.name):
+                    slot = self._load_version(run_dir.name, entry)
+                    if slot is not None:
+                        self._runs.setdefault(slot.info.run_id, {})[slot.info.version] = slot
+            if run_dir.name in self._runs:
+                self._evict(run_dir.name)
+        log.info("store loaded", extra={"root": str(self.root), "versions": len(self.versions())})
+
+    def _load_version(self, run_id: str, path: Path) -> _Slot | None:
+        try:
+            manifest = WeightManifest.FromString((path / "manifest.pb").read_bytes())
+            published = json.loads((path / "info.json").read_text())["published_unix"]
+            validate_manifest(manifest)
+            payload = _map(path / "payload.bin", manifest.total_bytes)
+            if (manifest.run_id, f"v{manifest.version:012d}") != (run_id, path.name):
+                raise InvalidRequest(f"manifest names run {manifest.run_id!r} version {manifest.version}")
+            if len(payload) != manifest.total_bytes or hashlib.sha256(payload).hexdigest() != manifest.sha256:
+                raise InvalidRequest("payload size or sha256 does not match the manifest")
+        except Exception as error:
+            log.warning("discarding an unreadable stored version", extra={"path": str(path), "error": str(error)})
+            shutil.rmtree(path, ignore_errors=True)
+            return None
+        return _Slot(version_info(manifest, published), manifest, payload, path)
+
+
+def open_store(spec: str, retain: int = 2, max_bytes: int = 16 << 30) -> WeightStore:
+    """`memory` or a directory path (created if missing)."""
+    if spec == "memory":
+        return MemoryStore(retain, max_bytes)
+    if not spec:
+        raise ConfigError("the store is empty: pass --store memory or --store DIR (CADENCE_STORE)")
+    return DirectoryStore(Path(spec), retain, max_bytes)
+
+
+def _write_synced(path: Path, data: bytes) -> None:
+    with open(path, "wb") as handle:
+        handle.write(data)
+        handle.flush()
+        os.fsync(handle.fileno())
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _map(path: Path, size: int) -> Payload:
+    """A read-only map of a payload file (mmap cannot map an empty file, so that one is just b"")."""
+    if size == 0:
+        return b""
+    with open(path, "rb") as handle:
+        return mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ)

@@ -1,0 +1,373 @@
+"""Generation engines: one small ABC, the transformers engine here, the vLLM engine in `vllm_engine.py`.
+
+An engine turns a batch of prompts (plain text, or chat messages rendered with the model's chat template)
+into `n` samples each — text, token ids, per-token logprobs, finish reason — and swaps its weights in place
+(`load_weights`). Both engines report *raw* logprobs: log-softmax of the model's logits before temperature,
+top-p or top-k, i.e. what a plain forward pass of the same weights gives the trainer.
+
+Every generate call returns the policy version that produced it. A readers–writer lock makes that exact:
+generate calls run side by side, `load_weights` waits for them to finish and holds new ones back, so no
+sample ever mixes two versions. This module is pure: no gRPC, no Redis.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import threading
+from abc import ABC, abstractmethod
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from cadence.errors import ConfigError, InvalidRequest, TooLarge
+
+if TYPE_CHECKING:
+    import torch
+
+    from cadence.v1 import common_pb2
+
+ENGINE_KINDS = ("vllm", "hf")
+MAX_N = 64
+MAX_PROMPTS = 1024
+Messages = Sequence[dict[str, str]]
+PromptInput = str | Messages
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How to sample (mirrors `cadence.v1.SamplingParams`); hashable so a worker can group prompts by it."""
+
+    n: int = 1
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    """0 or -1: no top-k cut."""
+    max_tokens: int = 64
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+
+    @classmethod
+    def from_pb(cls, pb: common_pb2.SamplingParams) -> SamplingParams:
+        """Proto defaults (0) mean: n 1, top_p 1.0, top_k off, unseeded; max_tokens 0 means 64."""
+        return cls(
+            n=pb.n or 1,
+            temperature=pb.temperature,
+            top_p=pb.top_p or 1.0,
+            top_k=0 if pb.top_k in (0, -1) else pb.top_k,
+            max_tokens=pb.max_tokens or 64,
+            seed=pb.seed or None,
+            stop=tuple(pb.stop),
+        )
+
+    def validate(self) -> None:
+        """Raise `InvalidRequest` naming the field and the allowed range."""
+        checks = [
+            (1 <= self.n <= MAX_N, f"sampling.n must be in 1..{MAX_N}, got {self.n}"),
+            (0.0 <= self.temperature <= 10.0, f"sampling.temperature must be in 0..10, got {self.temperature}"),
+            (0.0 < self.top_p <= 1.0, f"sampling.top_p must be in (0, 1], got {self.top_p}"),
+            (self.top_k >= 0, f"sampling.top_k must be >= 0 (0 = off), got {self.top_k}"),
+            (self.max_tokens >= 1, f"sampling.max_tokens must be >= 1, got {self.max_tokens}"),
+            (len(self.stop) <= 8 and all(self.stop), "sampling.stop takes at most 8 non-empty strings"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise InvalidRequest(message)
+
+
+@dataclass
+class Sample:
+    """One completion: `logprobs[i]` is the raw logprob of `token_ids[i]` under the generating weights."""
+
+    text: str
+    token_ids: list[int]
+    logprobs: list[float]
+    finish_reason: str
+    """"stop" (EOS or a stop string) or "length"."""
+
+
+@dataclass
+class Completion:
+    """The `n` samples of one prompt and the prompt's token ids."""
+
+    samples: list[Sample]
+    prompt_token_ids: list[int]
+
+
+@dataclass
+class Generation:
+    """One generate call's completions (one per prompt, in order) and the version that produced all of them."""
+
+    completions: list[Completion]
+    policy_version: int
+    seconds: float = field(default=0.0)
+
+
+class _ReadersWriterLock:
+    """Many readers (generate) or one writer (load_weights); a waiting writer holds new readers back."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._readers = 0
+        self._writer = False
+        self._writers_waiting = 0
+
+    @contextmanager
+    def read(self) -> Iterator[None]:
+        with self._cond:
+            self._cond.wait_for(lambda: not self._writer and not self._writers_waiting)
+            self._readers += 1
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._readers -= 1
+                self._cond.notify_all()
+
+    @contextmanager
+    def write(self) -> Iterator[None]:
+        with self._cond:
+            self._writers_waiting += 1
+            self._cond.wait_for(lambda: not self._writer and self._readers == 0)
+            self._writers_waiting -= 1
+            self._writer = True
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._writer = False
+                self._cond.notify_all()
+
+
+class Engine(ABC):
+    """Generate with the loaded weights; load new weights in place. Subclasses implement `_generate`/`_load`."""
+
+    kind: str = ""
+
+    def __init__(self, model_path: str | Path, *, version: int = 0) -> None:
+        from transformers import AutoTokenizer
+
+        self.model_path = str(model_path)
+        self.tokenizer = AutoTokenizer.from_pretrained(self.model_path)
+        self._version = version
+        self._lock = _ReadersWriterLock()
+
+    @property
+    def version(self) -> int:
+        """The policy version of the loaded weights (0: the seed model)."""
+        return self._version
+
+    @property
+    @abstractmethod
+    def max_model_len(self) -> int:
+        """Longest prompt + completion the engine takes, in tokens."""
+
+    def encode(self, prompt: PromptInput) -> list[int]:
+        """Token ids of a prompt; a message list goes through the model's chat template."""
+        if isinstance(prompt, str):
+            return list(self.tokenizer(prompt).input_ids)
+        if not prompt:
+            raise InvalidRequest("a prompt needs `text` or at least one chat message")
+        if not self.tokenizer.chat_template:
+            raise InvalidRequest(f"model {self.model_path} has no chat template; send the prompt as text")
+        encoded = self.tokenizer.apply_chat_template(
+            [dict(message) for message in prompt], add_generation_prompt=True, tokenize=True, return_dict=True
+        )
+        return list(encoded["input_ids"])
+
+    def generate(self, prompts: Sequence[PromptInput], params: SamplingParams) -> Generation:
+        """`params.n` samples for each prompt, all from one version of the weights."""
+        import time
+
+        params.validate()
+        if not prompts:
+            return Generation([], self._version)
+        if len(prompts) > MAX_PROMPTS:
+            raise TooLarge(f"{len(prompts)} prompts in one call; send at most {MAX_PROMPTS}")
+        token_ids = [self.encode(prompt) for prompt in prompts]
+        for ids in token_ids:
+            if len(ids) + params.max_tokens > self.max_model_len:
+                raise TooLarge(
+                    f"prompt of {len(ids)} tokens + max_tokens {params.max_tokens} exceeds the model's "
+                    f"{self.max_model_len}-token context; shorten the prompt or lower max_tokens"
+                )
+        with self._lock.read():
+            started = time.perf_counter()
+            samples = self._generate(token_ids, params)
+            version = self._version
+            seconds = time.perf_counter() - started
+        completions = [Completion(s, ids) for s, ids in zip(samples, token_ids, strict=True)]
+        return Generation(completions, version, seconds)
+
+    def load_weights(self, tensors: Iterable[tuple[str, torch.Tensor]], version: int) -> None:
+        """Replace the weights in place with `tensors` (HF checkpoint names) and tag them `version`."""
+        with self._lock.write():
+            self._load(tensors)
+            self._version = version
+
+    def close(self) -> None:
+        """Release the engine's processes and memory."""
+
+    @abstractmethod
+    def _generate(self, prompts: list[list[int]], params: SamplingParams) -> list[list[Sample]]:
+        """`params.n` samples per tokenized prompt."""
+
+    @abstractmethod
+    def _load(self, tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
+        """Copy the named tensors into the running model."""
+
+
+class HFEngine(Engine):
+    """transformers `generate` on CPU or one GPU: the reference engine and the fallback where vLLM cannot run."""
+
+    kind = "hf"
+
+    def __init__(self, model_path: str | Path, *, version: int = 0, device: str = "cpu") -> None:
+        import torch
+        from transformers import AutoModelForCausalLM
+
+        super().__init__(model_path, version=version)
+        self.model = AutoModelForCausalLM.from_pretrained(self.model_path, dtype=torch.float32).to(device).eval()
+        self.device = device
+        self._eos = _eos_ids(self.model.generation_config.eos_token_id, self.tokenizer.eos_token_id)
+        pad = self.tokenizer.pad_token_id
+        self._pad = pad if pad is not None else min(self._eos)
+        # Seeding uses torch's global RNG, so generate calls take turns.
+        self._mutex = threading.Lock()
+        self._prompt_width = 0
+
+    @property
+    def max_model_len(self) -> int:
+        return int(self.model.config.max_position_embeddings)
+
+    def _generate(self, prompts: list[list[int]], params: SamplingParams) -> list[list[Sample]]:
+        import torch
+
+        width = max(len(ids) for ids in prompts)
+        input_ids = torch.full((len(prompts), width), self._pad, dtype=torch.long)
+        attention = torch.zeros((len(prompts), width), dtype=torch.long)
+        for row, ids in enumerate(prompts):
+            input_ids[row, width - len(ids) :] = torch.tensor(ids)
+            attention[row, width - len(ids) :] = 1
+        with self._mutex, torch.inference_mode():
+            self._prompt_width = width
+            if params.seed is not None:
+                torch.manual_seed(params.seed)
+            out = self.model.generate(
+                input_ids=input_ids.to(self.device),
+                attention_mask=attention.to(self.device),
+                **self._generate_kwargs(params),
+            )
+        generated = out.sequences[:, width:]
+        logprobs = torch.stack(out.logits, dim=1).float().log_softmax(-1)
+        chosen = logprobs.gather(-1, generated.unsqueeze(-1)).squeeze(-1).tolist()
+        rows = [self._sample(tokens, lps, params) for tokens, lps in zip(generated.tolist(), chosen, strict=True)]
+        if params.temperature == 0:  # greedy: one row per prompt stands for all n identical samples
+            return [[row] * params.n for row in rows]
+        return [rows[i * params.n : (i + 1) * params.n] for i in range(len(prompts))]
+
+    def _generate_kwargs(self, params: SamplingParams) -> dict[str, Any]:
+        sampling = params.temperature > 0
+        kwargs: dict[str, Any] = {
+            "max_new_tokens": params.max_tokens,
+            "num_return_sequences": params.n if sampling else 1,
+            "do_sample": sampling,
+            "temperature": params.temperature if sampling else None,
+            "top_p": params.top_p if sampling else None,
+            "top_k": params.top_k if sampling else None,
+            "pad_token_id": self._pad,
+            "eos_token_id": sorted(self._eos),
+            "return_dict_in_generate": True,
+            "output_logits": True,
+        }
+        if params.stop:
+            kwargs["stopping_criteria"] = [_stop_strings_criterion(self.tokenizer, params.stop, self._prompt_width)]
+        return kwargs
+
+    def _sample(self, tokens: list[int], logprobs: list[float], params: SamplingParams) -> Sample:
+        """Cut one generated row at a stop string (dropped from the text) or at EOS (kept, as vLLM does)."""
+        end = next((i + 1 for i, token in enumerate(tokens) if token in self._eos), len(tokens))
+        tokens, logprobs = tokens[:end], logprobs[:end]
+        text = self._decode(tokens)
+        hits = [text.find(stop) for stop in params.stop if stop in text]
+        if not hits:
+            reason = "stop" if tokens and tokens[-1] in self._eos else "length"
+            return Sample(text, tokens, logprobs, reason)
+        # Keep the shortest token prefix whose text contains a stop string (bisection over decodes).
+        low, high = 1, len(tokens)
+        while low < high:
+            mid = (low + high) // 2
+            if any(stop in self._decode(tokens[:mid]) for stop in params.stop):
+                high = mid
+            else:
+                low = mid + 1
+        return Sample(text[: min(hits)], tokens[:low], logprobs[:low], "stop")
+
+    def _decode(self, tokens: list[int]) -> str:
+        return self.tokenizer.decode(tokens, skip_special_tokens=True)
+
+    def _load(self, tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
+        state = self.model.state_dict()
+        loaded: set[str] = set()
+        for name, tensor in tensors:
+            if name not in state:
+                raise InvalidRequest(f"weight {name!r} is not a parameter of {self.model_path}; wrong model?")
+            if tuple(state[name].shape) != tuple(tensor.shape):
+                raise InvalidRequest(
+                    f"weight {name!r} has shape {tuple(tensor.shape)}, the model expects {tuple(state[name].shape)}"
+                )
+            state[name].copy_(tensor)
+            loaded.add(name)
+        if not loaded:
+            raise InvalidRequest("no weights given: a weight update needs at least one tensor")
+
+
+def _stop_strings_criterion(tokenizer: Any, stops: tuple[str, ...], prompt_width: int) -> Any:
+    """Stop a row once its generated text contains a stop string.
+
+    transformers' own `stop_strings` assumes a BPE vocabulary with a word-start marker and refuses others
+    (e.g. the toy character tokenizer), so the generated tail is decoded directly.
+    """
+    import torch
+    from transformers import StoppingCriteria
+
+    window = max(len(stop) for stop in stops) + 8
+
+    class StopOnStrings(StoppingCriteria):
+        def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs: Any) -> torch.Tensor:
+            tails = tokenizer.batch_decode(
+                input_ids[:, max(prompt_width, input_ids.shape[1] - window) :], skip_special_tokens=True
+            )
+            return torch.tensor([any(stop in tail for stop in stops) for tail in tails], device=input_ids.device)
+
+    return StopOnStrings()
+
+
+def _eos_ids(*candidates: int | list[int] | None) -> set[int]:
+    ids: set[int] = set()
+    for candidate in candidates:
+        if isinstance(candidate, int):
+            ids.add(candidate)
+        elif candidate:
+            ids.update(candidate)
+    return ids
+
+
+def resolve_engine_kind(kind: str) -> str:
+    """`auto` → `vllm` when the vllm package is importable, else `hf`; other kinds are checked."""
+    if kind == "auto":
+        return "vllm" if importlib.util.find_spec("vllm") is not None else "hf"
+    if kind not in ENGINE_KINDS:
+        raise ConfigError(f"unknown engine {kind!r}; use one of {', '.join(ENGINE_KINDS)} or auto (CADENCE_ENGINE)")
+    return kind
+
+
+def create_engine(kind: str, model_path: str | Path, **options: Any) -> Engine:
+    """Build the engine named `kind` (`vllm`, `hf` or `auto`) on the model at `model_path`."""
+    resolved = resolve_engine_kind(kind)
+    if resolved == "vllm":
+        from cadence.inference.vllm_engine import VllmEngine
+
+        return VllmEngine(model_path, **options)
+    return HFEngine(model_path, **options)

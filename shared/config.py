@@ -1,0 +1,263 @@
+"""The run config: one YAML file, validated by pydantic, that says what a run trains and how.
+
+The cadence is a field (`sync_every`), not a code path: `null` is offline DPO, `1` online, `s > 1`
+semi-online. Errors name the field path and the fix. This module imports no torch, so `--dry-run`
+and `--help` stay instant.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from cadence.errors import ConfigError
+
+TaskKind = Literal["math", "chat"]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelConfig(_Strict):
+    """The policy to train."""
+
+    path: str = "tiny"
+    """A local HF model directory, a hub id, or a seed-model name (`tiny`, `smollm2`)."""
+    max_prompt_tokens: int = Field(256, gt=0)
+    """Prompts longer than this are refused by the feeder."""
+
+
+class TaskConfig(_Strict):
+    """One prompt source; several are mixed by `weight`."""
+
+    name: str
+    """A label used in metrics and reports."""
+    kind: TaskKind = "math"
+    """`math`: rewards from math-verify against the reference; `chat`: rewards from the reward model."""
+    dataset: str = "toy"
+    """`toy`, `math500`, `amc23`, `numina`, `wildchat`, a JSONL/Parquet path, or a `datasets` name."""
+    split: str = "train"
+    """`train` or `test` for the toy task; the split for a `datasets` name."""
+    weight: float = Field(1.0, gt=0)
+    """Relative share of each batch drawn from this task."""
+    limit: int | None = Field(None, gt=0)
+    """Use at most this many prompts."""
+
+
+class DPOConfig(_Strict):
+    """Direct Preference Optimisation on pairs chosen from each prompt's samples."""
+
+    type: Literal["dpo"] = "dpo"
+    beta: float = Field(0.1, gt=0)
+    """KL strength; the paper: 0.1 verifiable, 0.01 non-verifiable."""
+    length_normalize: bool = False
+    """Average instead of sum the log-probs over tokens."""
+    nll_coef: float = Field(0.0, ge=0)
+    """Weight of an extra NLL term on chosen responses."""
+    group: bool = False
+    """GroupDPO: use every correct × incorrect pair of a prompt, not one random pair."""
+    grpo_coef: float = Field(0.0, ge=0)
+    """α of the combined objective DPO + α·GRPO; 0 turns it off."""
+
+
+class GRPOConfig(_Strict):
+    """Group Relative Policy Optimisation with a PPO clip and a k3 KL penalty."""
+
+    type: Literal["grpo"] = "grpo"
+    kl_beta: float = Field(0.001, ge=0)
+    clip_eps: float = Field(0.2, gt=0)
+    std_normalize: bool = False
+    """Divide advantages by the group's std (+ε)."""
+    aggregation: Literal["grpo", "bnpo", "dr_grpo"] = "dr_grpo"
+    """How token losses are averaged; `dr_grpo` has no length normalisation (the paper's choice)."""
+
+
+Algorithm = Annotated[DPOConfig | GRPOConfig, Field(discriminator="type")]
+
+
+class SamplingConfig(_Strict):
+    """How rollouts are sampled."""
+
+    n: int = Field(8, ge=1, le=512)
+    temperature: float = Field(1.0, ge=0)
+    top_p: float = Field(1.0, gt=0, le=1)
+    top_k: int = Field(0, ge=-1)
+    max_tokens: int = Field(14, ge=1)
+
+
+class OptimizerConfig(_Strict):
+    """AdamW. A large ε (1e-4) prevents sudden DPO collapse (the paper's stability finding)."""
+
+    lr: float = Field(1e-6, gt=0)
+    eps: float = Field(1e-4, gt=0)
+    betas: tuple[float, float] = (0.9, 0.999)
+    weight_decay: float = Field(0.0, ge=0)
+    grad_clip: float = Field(0.1, gt=0)
+    warmup_steps: int = Field(0, ge=0)
+
+
+class DeepSpeedConfig(_Strict):
+    """The DeepSpeed engine."""
+
+    zero_stage: Literal[0, 1, 2, 3] = 0
+    bf16: bool | None = None
+    """None: bf16 on GPU, fp32 on CPU."""
+    extra: dict[str, Any] = Field(default_factory=dict)
+    """Merged into the generated DeepSpeed JSON config."""
+
+
+class EvalConfig(_Strict):
+    """Held-out evaluation before and after training."""
+
+    dataset: str = "toy"
+    split: str = "test"
+    samples: int = Field(1, ge=1)
+    """k samples per problem; accuracy is averaged over them."""
+    temperature: float = Field(0.0, ge=0)
+    top_p: float = Field(1.0, gt=0, le=1)
+    max_problems: int | None = Field(500, gt=0)
+    every: int = Field(0, ge=0)
+    """Also evaluate every this many steps (0: only before and after)."""
+
+
+class InferenceConfig(_Strict):
+    """The generation fleet of a local run."""
+
+    engine: Literal["auto", "vllm", "hf"] = "auto"
+    workers: int = Field(1, ge=1)
+
+
+class RunConfig(_Strict):
+    """A training run."""
+
+    run_id: str = ""
+    """Names the run's streams and folder; empty: derived from the config file name."""
+    seed: int = 0
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    tasks: list[TaskConfig] = Field(default_factory=lambda: [TaskConfig(name="toy")], min_length=1)
+    algorithm: Algorithm = Field(default_factory=DPOConfig)
+    sync_every: int | None = Field(1, ge=1)
+    """s: optimizer steps between weight syncs. 1 online, >1 semi-online, null offline."""
+    ref_sync_every: int | Literal["auto"] | None = "auto"
+    """Steps between reference-model syncs; `auto`: = s for math, fixed seed (null) for chat."""
+    async_lag: int = Field(0, ge=0)
+    """Blocks a generator may run ahead of the rule (bounded off-policy; 0 is the paper's semantics)."""
+    max_inflight: int = Field(2, ge=1)
+    """Steps the feeder may enqueue ahead of the trainer."""
+    steps: int = Field(60, ge=1)
+    batch_prompts: int = Field(32, ge=1)
+    """Prompts per optimizer step (the paper counts batches in prompts)."""
+    entropy_coef: float = Field(0.0, ge=0)
+    """Weight of an entropy bonus."""
+    sampling: SamplingConfig = Field(default_factory=SamplingConfig)
+    optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig)
+    deepspeed: DeepSpeedConfig = Field(default_factory=DeepSpeedConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+    inference: InferenceConfig = Field(default_factory=InferenceConfig)
+    checkpoint_every: int = Field(0, ge=0)
+    """Steps between checkpoints (0: only at the end)."""
+
+    @field_validator("run_id")
+    @classmethod
+    def _safe_run_id(cls, value: str) -> str:
+        if value and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,62}", value):
+            raise ValueError("run_id must be 1-63 characters of letters, digits, '_', '.', '-'")
+        return value
+
+    @field_validator("ref_sync_every")
+    @classmethod
+    def _positive_ref_sync(cls, value: int | str | None) -> int | str | None:
+        if isinstance(value, int) and value < 1:
+            raise ValueError("ref_sync_every must be >= 1, null (fixed seed reference) or 'auto'")
+        return value
+
+    @model_validator(mode="after")
+    def _grpo_needs_groups(self) -> RunConfig:
+        uses_grpo = isinstance(self.algorithm, GRPOConfig) or self.algorithm.grpo_coef > 0
+        if uses_grpo and self.sampling.n < 2:
+            raise ValueError("GRPO needs sampling.n >= 2 samples per prompt to form a group")
+        if isinstance(self.algorithm, DPOConfig) and self.sampling.n < 2:
+            raise ValueError("DPO needs sampling.n >= 2 samples per prompt to form a pair")
+        return self
+
+    @property
+    def offline(self) -> bool:
+        return self.sync_every is None
+
+    @property
+    def task_kinds(self) -> set[str]:
+        return {task.kind for task in self.tasks}
+
+    def resolved_ref_sync_every(self) -> int | None:
+        """`auto` → s when every task is verifiable, else a fixed seed reference (the paper's choices)."""
+        if self.ref_sync_every != "auto":
+            return self.ref_sync_every  # type: ignore[return-value]
+        return self.sync_every if self.task_kinds == {"math"} else None
+
+    def min_version(self, step: int) -> int:
+        """The cadence rule: samples consumed at step t come from version s·⌊t/s⌋ (0 when offline)."""
+        if self.sync_every is None:
+            return 0
+        return self.sync_every * (step // self.sync_every)
+
+
+def _format_errors(error: ValidationError, source: str) -> str:
+    lines = [f"invalid run config {source}:"]
+    for item in error.errors():
+        path = ".".join(str(part) for part in item["loc"]) or "(top level)"
+        message = item["msg"].removeprefix("Value error, ")
+        if item["type"] == "extra_forbidden":
+            message = "unknown field; check its spelling against `cadence run --help-config`"
+        elif item["type"] == "union_tag_invalid":
+            message = "unknown algorithm type; use 'dpo' or 'grpo'"
+        lines.append(f"  {path}: {message}")
+    return "\n".join(lines)
+
+
+def parse_run_config(data: Any, source: str = "<dict>") -> RunConfig:
+    """Validate a mapping as a run config; raise `ConfigError` naming each bad field."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"invalid run config {source}: the top level must be a mapping of fields")
+    try:
+        return RunConfig.model_validate(data)
+    except ValidationError as error:
+        raise ConfigError(_format_errors(error, source)) from None
+
+
+def load_run_config(path: str | Path, overrides: list[str] | None = None) -> RunConfig:
+    """Load a YAML run config; `overrides` are `dotted.key=yaml_value` strings applied on top."""
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except FileNotFoundError:
+        raise ConfigError(f"run config {path} does not exist; pass the path to a YAML file") from None
+    except yaml.YAMLError as error:
+        raise ConfigError(f"run config {path} is not valid YAML: {error}") from None
+    if isinstance(data, dict):
+        for override in overrides or []:
+            _apply_override(data, override)
+        data.setdefault("run_id", path.stem)
+    return parse_run_config(data, str(path))
+
+
+def _apply_override(data: dict[str, Any], override: str) -> None:
+    key, sep, raw = override.partition("=")
+    if not sep or not key:
+        raise ConfigError(f"override {override!r} must look like 'dotted.key=value', e.g. 'steps=10'")
+    *parents, leaf = key.split(".")
+    node = data
+    for part in parents:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"override {override!r}: {part!r} is not a section")
+    node[leaf] = yaml.safe_load(raw)
+
+
+def dump_run_config(config: RunConfig) -> str:
+    """The config as YAML, every default filled in (what the run really used)."""
+    return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)

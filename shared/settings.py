@@ -1,0 +1,127 @@
+"""Service settings from `CADENCE_*` environment variables: the one place that reads the environment.
+
+Each service has one class; command-line flags override what the environment says. A required setting
+that is missing fails at start-up with the variable's name.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+DEFAULT_PORTS = {"inference": 50051, "reward": 50052, "broker": 50053, "trainer": 50054}
+
+
+class CommonSettings(BaseSettings):
+    """Settings every process shares."""
+
+    model_config = SettingsConfigDict(env_prefix="CADENCE_", extra="ignore")
+
+    home: Path = Field(default_factory=lambda: Path.home() / ".cache" / "cadence")
+    """Cache root for seed models, compiled extensions and vLLM's cache (`CADENCE_HOME`)."""
+    data_dir: Path | None = None
+    """Where MATH-500, AMC23 and other dataset files live (`CADENCE_DATA_DIR`); unset: `../shared/data`
+    beside the checkout."""
+    log_level: str = "INFO"
+    """Python logging level name (`CADENCE_LOG_LEVEL`)."""
+    log_format: str = "text"
+    """`text` for people, `json` for log collectors (`CADENCE_LOG_FORMAT`)."""
+
+    @field_validator("log_format")
+    @classmethod
+    def _known_format(cls, value: str) -> str:
+        if value not in ("text", "json"):
+            raise ValueError("CADENCE_LOG_FORMAT must be 'text' or 'json'")
+        return value
+
+
+class ServiceSettings(CommonSettings):
+    """What a networked service needs: where to listen and where Redis is."""
+
+    host: str = "0.0.0.0"
+    """Interface to bind (`CADENCE_HOST`)."""
+    grpc_port: int = 0
+    """gRPC port (`CADENCE_GRPC_PORT`); 0 means the service's default."""
+    metrics_port: int = 0
+    """Prometheus port (`CADENCE_METRICS_PORT`); 0 serves metrics only where a service has HTTP."""
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    """Redis for the data-plane streams (`CADENCE_REDIS_URL`)."""
+    run_id: str = ""
+    """The run whose streams to serve (`CADENCE_RUN_ID`); empty: take it from the run metadata."""
+    grace_seconds: float = 10.0
+    """How long SIGTERM waits for in-flight work before exiting (`CADENCE_GRACE_SECONDS`)."""
+
+
+class InferenceSettings(ServiceSettings):
+    """`cadence serve inference`."""
+
+    engine: str = "auto"
+    """`vllm`, `hf`, or `auto` (vllm when importable) (`CADENCE_ENGINE`)."""
+    model: str = "tiny"
+    """Model directory, hub id, or a seed-model name (`CADENCE_MODEL`)."""
+    broker_addr: str = "127.0.0.1:50053"
+    """Weight broker `host:port` (`CADENCE_BROKER_ADDR`)."""
+    worker: bool = True
+    """Consume the run's prompt stream (`CADENCE_WORKER`); off serves only `Generate`."""
+
+
+class RewardSettings(ServiceSettings):
+    """`cadence serve reward`."""
+
+    http_port: int = 8000
+    """HTTP API port (`CADENCE_HTTP_PORT`)."""
+    worker: bool = True
+    """Consume the run's rollout stream (`CADENCE_WORKER`)."""
+    reward_model: str = ""
+    """Reward model directory or hub id for `chat` items (`CADENCE_REWARD_MODEL`); empty: math only."""
+    pool_processes: int = 2
+    """math-verify worker processes (`CADENCE_POOL_PROCESSES`)."""
+    item_timeout_seconds: float = 5.0
+    """Hard deadline per math item (`CADENCE_ITEM_TIMEOUT_SECONDS`)."""
+    api_keys_file: Path | None = None
+    """File with one API key per line (`CADENCE_API_KEYS_FILE`); none and no `api_keys`: auth off."""
+    api_keys: str = ""
+    """Comma-separated API keys (`CADENCE_API_KEYS`)."""
+
+
+class BrokerSettings(ServiceSettings):
+    """`cadence serve broker`."""
+
+    store: str = "memory"
+    """`memory` or a directory (a PVC in Kubernetes) (`CADENCE_STORE`)."""
+    retain: int = 2
+    """Versions kept (`CADENCE_RETAIN`)."""
+    max_bytes: int = 16 << 30
+    """Most payload bytes held, publishes in flight included (`CADENCE_MAX_BYTES`); ≥ (retain + 1) × version size."""
+
+    @field_validator("max_bytes")
+    @classmethod
+    def _positive_max_bytes(cls, value: int) -> int:
+        if value < 1:
+            raise ValueError("CADENCE_MAX_BYTES must be positive: at least (retain + 1) × the size of one version")
+        return value
+
+    @field_validator("retain")
+    @classmethod
+    def _positive_retain(cls, value: int) -> int:
+        if value < 1:
+            raise ValueError("CADENCE_RETAIN must be at least 1 (the newest version is always kept)")
+        return value
+
+
+class TrainerSettings(ServiceSettings):
+    """`cadence serve trainer`."""
+
+    broker_addr: str = "127.0.0.1:50053"
+    """Weight broker `host:port` (`CADENCE_BROKER_ADDR`)."""
+    run_dir: Path = Path("runs")
+    """Where metrics, checkpoints and reports go (`CADENCE_RUN_DIR`)."""
+    config: Path | None = None
+    """Run config YAML (`CADENCE_CONFIG`)."""
+
+
+def default_port(service: str) -> int:
+    """The default gRPC port of a service (DESIGN.md §4)."""
+    return DEFAULT_PORTS[service]

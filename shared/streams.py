@@ -1,0 +1,274 @@
+"""Redis Streams for the data plane: protobuf messages in, protobuf messages out, nothing lost, nothing doubled.
+
+Keys are `cadence:{<run_id>}:<kind>`; the braces are a Redis Cluster hash tag, so one run's keys share a slot
+and the atomic forward script below works on a cluster too. Each entry holds one serialized message in field
+`m`. Delivery is at-least-once: a consumer's entries stay pending until it acknowledges them, and entries
+left pending by a dead consumer are reclaimed by another (XAUTOCLAIM) after an idle timeout. `forward`
+writes a stage's outputs and acknowledges its inputs in one atomic script that first checks the consumer
+still owns the inputs, so a slow consumer whose entries were reclaimed cannot write a duplicate.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Generic, Literal, TypeVar
+
+import redis
+from google.protobuf.message import DecodeError, Message
+
+from cadence.errors import NotReady
+from cadence.logging import get_logger
+
+log = get_logger(__name__)
+
+Kind = Literal["prompts", "rollouts", "scored"]
+GROUPS: dict[str, str] = {"prompts": "inference", "rollouts": "reward", "scored": "trainer"}
+FIELD = b"m"
+M = TypeVar("M", bound=Message)
+T = TypeVar("T")
+
+_FORWARD_LUA = """
+local n_ids = tonumber(ARGV[3])
+for i = 1, n_ids do
+  local p = redis.call('XPENDING', KEYS[1], ARGV[1], ARGV[3 + i], ARGV[3 + i], 1)
+  if #p == 0 or p[1][2] ~= ARGV[2] then return -1 end
+end
+for j = 4 + n_ids, #ARGV do
+  redis.call('XADD', KEYS[2], '*', 'm', ARGV[j])
+end
+if n_ids > 0 then
+  redis.call('XACK', KEYS[1], ARGV[1], unpack(ARGV, 4, 3 + n_ids))
+end
+return n_ids
+"""
+
+
+def stream_key(run_id: str, kind: Kind) -> str:
+    """`cadence:{run_id}:prompts|rollouts|scored`."""
+    if kind not in GROUPS:
+        raise ValueError(f"unknown stream kind {kind!r}; use one of {sorted(GROUPS)}")
+    return f"cadence:{{{run_id}}}:{kind}"
+
+
+def meta_key(run_id: str) -> str:
+    """The run's metadata hash (config, state, latest step)."""
+    return f"cadence:{{{run_id}}}:meta"
+
+
+def run_keys(run_id: str) -> list[str]:
+    """Every key a run owns (to delete a finished run's data)."""
+    return [*(stream_key(run_id, kind) for kind in GROUPS), meta_key(run_id), f"{stream_key(run_id, 'prompts')}:dead"]
+
+
+def connect(url: str) -> redis.Redis:
+    """A client that notices a dead connection quickly; callers wrap calls in `retrying`."""
+    return redis.Redis.from_url(url, socket_connect_timeout=2.0, socket_keepalive=True, health_check_interval=10)
+
+
+def retrying(call: Callable[[], T], what: str, give_up_after: float = 600.0) -> T:
+    """Run `call`, reconnecting with exponential backoff while Redis is unreachable or loading.
+
+    Logs once per outage and once on recovery; after `give_up_after` seconds raises `NotReady`.
+    """
+    delay, started, warned = 0.1, time.monotonic(), False
+    while True:
+        try:
+            result = call()
+        except (redis.ConnectionError, redis.TimeoutError) as error:
+            waited = time.monotonic() - started
+            if waited > give_up_after:
+                raise NotReady(
+                    f"Redis unreachable for {waited:.0f}s during {what}: {error}; check CADENCE_REDIS_URL "
+                    "and that redis-server is running"
+                ) from error
+            if not warned:
+                log.warning("Redis unavailable during %s, retrying with backoff: %s", what, error)
+                warned = True
+            time.sleep(delay)
+            delay = min(delay * 2, 5.0)
+            continue
+        if warned:
+            log.info("Redis reachable again (%s) after %.1fs", what, time.monotonic() - started)
+        return result
+
+
+def write_meta(client: redis.Redis, run_id: str, fields: dict[str, str | int | float]) -> None:
+    retrying(lambda: client.hset(meta_key(run_id), mapping=fields), "write run meta")
+
+
+def read_meta(client: redis.Redis, run_id: str) -> dict[str, str]:
+    raw = retrying(lambda: client.hgetall(meta_key(run_id)), "read run meta")
+    return {k.decode(): v.decode() for k, v in raw.items()}
+
+
+class StreamProducer:
+    """Appends protobuf messages to one stream."""
+
+    def __init__(self, client: redis.Redis, key: str) -> None:
+        self.client, self.key = client, key
+
+    def add(self, message: Message) -> str:
+        entry_id = retrying(lambda: self.client.xadd(self.key, {FIELD: message.SerializeToString()}), "xadd")
+        return entry_id.decode()
+
+    def add_many(self, messages: Sequence[Message]) -> list[str]:
+        def call() -> list[bytes]:
+            pipe = self.client.pipeline(transaction=True)
+            for message in messages:
+                pipe.xadd(self.key, {FIELD: message.SerializeToString()})
+            return pipe.execute()
+
+        return [entry_id.decode() for entry_id in retrying(call, "xadd batch")]
+
+    def length(self) -> int:
+        return int(retrying(lambda: self.client.xlen(self.key), "xlen"))
+
+
+@dataclass(frozen=True)
+class Entry(Generic[M]):
+    """One delivered stream entry and its decoded message."""
+
+    id: str
+    message: M
+
+
+class StreamConsumer(Generic[M]):
+    """One member of a consumer group reading protobuf messages of one type."""
+
+    def __init__(
+        self,
+        client: redis.Redis,
+        key: str,
+        group: str,
+        consumer: str,
+        message_type: type[M],
+        *,
+        reclaim_idle_ms: int = 30_000,
+        block_ms: int = 1_000,
+    ) -> None:
+        self.client, self.key, self.group, self.consumer = client, key, group, consumer
+        self.message_type = message_type
+        self.reclaim_idle_ms, self.block_ms = reclaim_idle_ms, block_ms
+        self._forward = client.register_script(_FORWARD_LUA)
+        self._own_pending_checked = False
+        self.ensure_group()
+
+    def ensure_group(self) -> None:
+        """Create the group (and the stream) if missing; from the start, so nothing enqueued earlier is missed."""
+
+        def call() -> None:
+            try:
+                self.client.xgroup_create(self.key, self.group, id="0", mkstream=True)
+            except redis.ResponseError as error:
+                if "BUSYGROUP" not in str(error):
+                    raise
+
+        retrying(call, "create consumer group")
+
+    def read(self, count: int = 1) -> list[Entry[M]]:
+        """Up to `count` entries: this consumer's own unacknowledged ones after a restart, then entries
+        reclaimed from dead consumers, then new ones (blocking up to `block_ms`)."""
+        if not self._own_pending_checked:
+            self._own_pending_checked = True
+            own = self._xreadgroup("0", count, block=False)
+            if own:
+                return own
+        reclaimed = self._reclaim(count)
+        if reclaimed:
+            return reclaimed
+        return self._xreadgroup(">", count, block=True)
+
+    def _xreadgroup(self, start: str, count: int, block: bool) -> list[Entry[M]]:
+        def call() -> list:
+            return self.client.xreadgroup(
+                self.group, self.consumer, {self.key: start}, count=count, block=self.block_ms if block else None
+            )
+
+        reply = self._with_group(call, "xreadgroup")
+        entries = reply[0][1] if reply else []
+        return self._decode(entries)
+
+    def _reclaim(self, count: int) -> list[Entry[M]]:
+        def call() -> list:
+            return self.client.xautoclaim(
+                self.key, self.group, self.consumer, min_idle_time=self.reclaim_idle_ms, start_id="0-0", count=count
+            )
+
+        reply = self._with_group(call, "xautoclaim")
+        entries = reply[1] if reply else []
+        if entries:
+            log.info("reclaimed %d entries abandoned on %s", len(entries), self.key)
+        return self._decode(entries)
+
+    def _with_group(self, call: Callable[[], T], what: str) -> T:
+        """Redis restarted without persistence loses groups: recreate ours and try again."""
+        try:
+            return retrying(call, what)
+        except redis.ResponseError as error:
+            if "NOGROUP" not in str(error):
+                raise
+            log.warning("consumer group %s on %s vanished (Redis restarted without persistence?)", self.group, self.key)
+            self.ensure_group()
+            return retrying(call, what)
+
+    def _decode(self, entries: list) -> list[Entry[M]]:
+        decoded: list[Entry[M]] = []
+        for raw_id, fields in entries:
+            entry_id = raw_id.decode()
+            if fields is None:  # deleted from the stream while pending
+                continue
+            message = self.message_type()
+            try:
+                message.ParseFromString(fields[FIELD])
+            except (KeyError, DecodeError) as error:
+                self._dead_letter(entry_id, fields, f"undecodable {self.message_type.__name__}: {error!r}")
+                continue
+            decoded.append(Entry(entry_id, message))
+        return decoded
+
+    def _dead_letter(self, entry_id: str, fields: dict, reason: str) -> None:
+        """Move a malformed entry aside (`<key>:dead`) so it is kept for inspection but never blocks the stage."""
+        log.error("malformed entry %s on %s moved to %s:dead: %s", entry_id, self.key, self.key, reason)
+
+        def call() -> None:
+            pipe = self.client.pipeline(transaction=True)
+            pipe.xadd(f"{self.key}:dead", {**fields, b"reason": reason.encode(), b"source_id": entry_id.encode()})
+            pipe.xack(self.key, self.group, entry_id)
+            pipe.execute()
+
+        retrying(call, "dead-letter")
+
+    def ack(self, entry_ids: Sequence[str]) -> int:
+        if not entry_ids:
+            return 0
+        return int(retrying(lambda: self.client.xack(self.key, self.group, *entry_ids), "xack"))
+
+    def forward(self, entry_ids: Sequence[str], out_key: str, messages: Sequence[Message]) -> bool:
+        """Write `messages` to `out_key` and acknowledge `entry_ids`, atomically.
+
+        Returns False (writing nothing) when another consumer has reclaimed any of the entries meanwhile:
+        that consumer now owns them and will write their output.
+        """
+        args = [self.group, self.consumer, len(entry_ids), *entry_ids]
+        args += [message.SerializeToString() for message in messages]
+        result = retrying(lambda: self._forward(keys=[self.key, out_key], args=args), "forward")
+        if int(result) < 0:
+            log.warning("entries %s were reclaimed by another consumer; dropping this copy", list(entry_ids))
+            return False
+        return True
+
+    def lag(self) -> int:
+        """Entries in the stream not yet delivered to this group."""
+        groups = self._with_group(lambda: self.client.xinfo_groups(self.key), "xinfo groups")
+        for info in groups:
+            name = info["name"].decode() if isinstance(info["name"], bytes) else info["name"]
+            if name == self.group:
+                return int(info.get("lag") or 0)
+        return 0
+
+    def pending(self) -> int:
+        """Entries delivered to the group but not yet acknowledged."""
+        summary = self._with_group(lambda: self.client.xpending(self.key, self.group), "xpending")
+        return int(summary["pending"])

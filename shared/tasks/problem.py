@@ -1,0 +1,35 @@
+"""The unit every prompt source yields: one problem with its prompt and (for math) its gold answer."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+Kind = Literal["math", "chat"]
+
+MATH_INSTRUCTION = "Please reason step by step, and put your final answer within \\boxed{}."
+
+
+@dataclass(frozen=True)
+class Problem:
+    """A prompt to sample from; `reference` is the gold answer for `math`, None for `chat`."""
+
+    prompt_id: str
+    """Stable across loads: the trainer de-duplicates rollouts by (prompt_id, policy_version)."""
+    kind: Kind
+    text: str
+    """The prompt as plain text (what a model sees without a chat template)."""
+    reference: str | None = None
+    messages: tuple[dict[str, str], ...] | None = None
+    """The conversation so far, for chat models; None: a single user turn holding `text`."""
+
+    def chat(self) -> list[dict[str, str]]:
+        """The prompt as a message list for `apply_chat_template`."""
+        if self.messages:
+            return [dict(message) for message in self.messages]
+        return [{"role": "user", "content": self.text}]
+
+
+def math_prompt(problem: str) -> str:
+    """A competition problem followed by the instruction to box the final answer."""
+    return f"{problem.strip()}\n\n{MATH_INSTRUCTION}"

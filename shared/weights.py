@@ -1,0 +1,247 @@
+"""Weights on the wire: a state dict ↔ a manifest plus ≤ 4 MiB chunks, each verified by sha256.
+
+The payload is the tensors' raw bytes back to back (the layout of a safetensors body), described by a
+`WeightManifest`: names, safetensors dtype names (bf16 included), shapes, byte offsets, per-chunk and whole
+digests. Packing costs one copy into the payload; unpacking is zero-copy (`torch.frombuffer`) over a
+writable buffer. torch is imported only by the functions that make or read tensors, so the broker, which
+only moves bytes, never loads it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import re
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from cadence.errors import IntegrityError, InvalidRequest
+from cadence.v1 import common_pb2
+
+if TYPE_CHECKING:
+    import torch
+
+CHUNK_BYTES = 4 * 1024 * 1024
+ITEMSIZE = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
+_TORCH_NAMES = {
+    "F64": "float64",
+    "F32": "float32",
+    "F16": "float16",
+    "BF16": "bfloat16",
+    "I64": "int64",
+    "I32": "int32",
+    "I16": "int16",
+    "I8": "int8",
+    "U8": "uint8",
+    "BOOL": "bool",
+}
+_HEX64 = re.compile(r"[0-9a-f]{64}")
+
+
+def torch_dtype(name: str) -> torch.dtype:
+    import torch
+
+    return getattr(torch, _TORCH_NAMES[name])
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """The safetensors name of a torch dtype (`torch.bfloat16` → `BF16`)."""
+    short = str(dtype).removeprefix("torch.")
+    for name, torch_name in _TORCH_NAMES.items():
+        if torch_name == short:
+            return name
+    raise InvalidRequest(f"dtype {dtype} cannot be sent; supported: {', '.join(_TORCH_NAMES.values())}")
+
+
+@dataclass(frozen=True)
+class Packed:
+    """A manifest and the payload it describes."""
+
+    manifest: common_pb2.WeightManifest
+    payload: bytearray
+
+
+def pack(
+    state_dict: Mapping[str, torch.Tensor], *, run_id: str, version: int, chunk_bytes: int = CHUNK_BYTES
+) -> Packed:
+    """Lay the tensors out back to back and describe them."""
+    specs, offset = [], 0
+    for name, tensor in state_dict.items():
+        nbytes = tensor.numel() * tensor.element_size()
+        specs.append(
+            common_pb2.TensorSpec(
+                name=name, dtype=dtype_name(tensor.dtype), shape=list(tensor.shape), offset=offset, nbytes=nbytes
+            )
+        )
+        offset += nbytes
+    payload = bytearray(offset)
+    view = memoryview(payload)
+    for spec, tensor in zip(specs, state_dict.values(), strict=True):
+        if spec.nbytes:
+            flat = tensor.detach().to("cpu").contiguous().reshape(-1)
+            view[spec.offset : spec.offset + spec.nbytes] = flat.view(_byte_dtype()).numpy().tobytes()
+    manifest = common_pb2.WeightManifest(
+        run_id=run_id,
+        version=version,
+        tensors=specs,
+        total_bytes=offset,
+        chunk_size=chunk_bytes,
+        chunk_sha256=[hashlib.sha256(view[a : a + chunk_bytes]).hexdigest() for a in range(0, offset, chunk_bytes)],
+        sha256=hashlib.sha256(payload).hexdigest(),
+    )
+    return Packed(manifest, payload)
+
+
+def _byte_dtype() -> torch.dtype:
+    import torch
+
+    return torch.uint8
+
+
+def version_info(manifest: common_pb2.WeightManifest, published_unix: float = 0.0) -> common_pb2.VersionInfo:
+    """The public summary of a manifest."""
+    return common_pb2.VersionInfo(
+        run_id=manifest.run_id,
+        version=manifest.version,
+        total_bytes=manifest.total_bytes,
+        sha256=manifest.sha256,
+        num_tensors=len(manifest.tensors),
+        published_unix=published_unix,
+    )
+
+
+def num_chunks(manifest: common_pb2.WeightManifest) -> int:
+    return math.ceil(manifest.total_bytes / manifest.chunk_size) if manifest.total_bytes else 0
+
+
+def validate_manifest(manifest: common_pb2.WeightManifest, max_total_bytes: int | None = None) -> None:
+    """Raise `InvalidRequest` naming the first inconsistency: dtype, shape/bytes, layout, chunking, digests."""
+    if manifest.version < 0:
+        raise InvalidRequest(f"manifest.version is {manifest.version}; versions start at 0 (the seed)")
+    if not 0 < manifest.chunk_size <= CHUNK_BYTES:
+        raise InvalidRequest(f"manifest.chunk_size {manifest.chunk_size} must be in 1..{CHUNK_BYTES}")
+    if max_total_bytes is not None and manifest.total_bytes > max_total_bytes:
+        raise InvalidRequest(
+            f"manifest.total_bytes {manifest.total_bytes} exceeds this store's limit {max_total_bytes}"
+        )
+    _validate_tensors(manifest)
+    expected_chunks = num_chunks(manifest)
+    if len(manifest.chunk_sha256) != expected_chunks:
+        raise InvalidRequest(
+            f"manifest has {len(manifest.chunk_sha256)} chunk digests; {manifest.total_bytes} bytes in chunks of "
+            f"{manifest.chunk_size} need {expected_chunks}"
+        )
+    for digest in [*manifest.chunk_sha256, manifest.sha256]:
+        if not _HEX64.fullmatch(digest):
+            raise InvalidRequest(f"digest {digest[:80]!r} is not a lowercase hex sha256")
+
+
+def _validate_tensors(manifest: common_pb2.WeightManifest) -> None:
+    seen: set[str] = set()
+    offset = 0
+    for index, spec in enumerate(manifest.tensors):
+        where = f"manifest.tensors[{index}] ({spec.name!r})"
+        if not spec.name or spec.name in seen:
+            raise InvalidRequest(f"{where}: tensor names must be non-empty and unique")
+        seen.add(spec.name)
+        if spec.dtype not in ITEMSIZE:
+            raise InvalidRequest(f"{where}: unknown dtype {spec.dtype!r}; use one of {', '.join(ITEMSIZE)}")
+        if any(dim < 0 for dim in spec.shape):
+            raise InvalidRequest(f"{where}: negative dimension in shape {list(spec.shape)}")
+        expected = math.prod(spec.shape) * ITEMSIZE[spec.dtype]
+        if spec.nbytes != expected:
+            raise InvalidRequest(
+                f"{where}: nbytes {spec.nbytes} does not match shape {list(spec.shape)} × {spec.dtype} = {expected}"
+            )
+        if spec.offset != offset:
+            raise InvalidRequest(f"{where}: offset {spec.offset}, expected {offset} (tensors lie back to back)")
+        offset += spec.nbytes
+    if offset != manifest.total_bytes:
+        raise InvalidRequest(f"manifest.total_bytes is {manifest.total_bytes} but the tensors span {offset} bytes")
+
+
+def iter_chunks(
+    manifest: common_pb2.WeightManifest, payload: bytes | bytearray | memoryview, offset: int = 0
+) -> Iterator[common_pb2.WeightChunk]:
+    """The manifest, then the data chunks from byte `offset` (a chunk boundary) on."""
+    if offset % manifest.chunk_size or offset > manifest.total_bytes:
+        raise InvalidRequest(
+            f"offset {offset} is not a chunk boundary of this version (chunk size {manifest.chunk_size}, "
+            f"{manifest.total_bytes} bytes); resume from a multiple of the chunk size"
+        )
+    yield common_pb2.WeightChunk(manifest=manifest)
+    view = memoryview(payload)
+    for start in range(offset, manifest.total_bytes, manifest.chunk_size):
+        yield common_pb2.WeightChunk(data=bytes(view[start : start + manifest.chunk_size]), offset=start)
+
+
+class Assembler:
+    """Rebuilds a payload from in-order chunks, verifying each chunk and finally the whole.
+
+    `offset` and `buffer` resume an interrupted transfer: the buffer already holds `offset` verified bytes.
+    """
+
+    def __init__(self, manifest: common_pb2.WeightManifest, offset: int = 0, buffer: bytearray | None = None) -> None:
+        validate_manifest(manifest)
+        self.manifest = manifest
+        self.buffer = buffer if buffer is not None else bytearray(manifest.total_bytes)
+        if len(self.buffer) != manifest.total_bytes or offset % manifest.chunk_size:
+            raise InvalidRequest("resume buffer must be total_bytes long and offset a chunk boundary")
+        self.received = offset
+
+    @property
+    def complete(self) -> bool:
+        return self.received == self.manifest.total_bytes
+
+    def add(self, data: bytes, offset: int) -> None:
+        """Accept the next chunk; raise `IntegrityError` if it is out of order, short, or corrupt."""
+        size = self.manifest.chunk_size
+        if offset != self.received:
+            raise IntegrityError(f"chunk at offset {offset} arrived out of order; expected offset {self.received}")
+        expected_len = min(size, self.manifest.total_bytes - offset)
+        if len(data) != expected_len:
+            raise IntegrityError(f"chunk at offset {offset} has {len(data)} bytes; expected {expected_len}")
+        index = offset // size
+        digest = hashlib.sha256(data).hexdigest()
+        if digest != self.manifest.chunk_sha256[index]:
+            raise IntegrityError(
+                f"chunk {index} (bytes {offset}..{offset + len(data)}) failed sha256 verification: "
+                f"expected {self.manifest.chunk_sha256[index][:16]}…, got {digest[:16]}…; corrupted, send it again"
+            )
+        self.buffer[offset : offset + len(data)] = data
+        self.received += len(data)
+
+    def finish(self) -> bytearray:
+        """The verified payload; raise `IntegrityError` if incomplete or the whole digest differs."""
+        if not self.complete:
+            raise IntegrityError(f"payload incomplete: {self.received} of {self.manifest.total_bytes} bytes received")
+        digest = hashlib.sha256(self.buffer).hexdigest()
+        if digest != self.manifest.sha256:
+            raise IntegrityError(
+                f"payload sha256 {digest[:16]}… differs from the manifest's {self.manifest.sha256[:16]}…"
+            )
+        return self.buffer
+
+
+def iter_tensors(
+    manifest: common_pb2.WeightManifest, payload: bytearray | memoryview
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """Each named tensor as a zero-copy view into `payload` (copy it if the payload will be reused)."""
+    import torch
+
+    if isinstance(payload, bytes):  # frombuffer needs a writable buffer
+        payload = bytearray(payload)
+    for spec in manifest.tensors:
+        dtype = torch_dtype(spec.dtype)
+        if spec.nbytes == 0:
+            tensor = torch.empty(list(spec.shape), dtype=dtype)
+        else:
+            count = spec.nbytes // ITEMSIZE[spec.dtype]
+            tensor = torch.frombuffer(payload, dtype=dtype, count=count, offset=spec.offset).reshape(list(spec.shape))
+        yield spec.name, tensor
+
+
+def unpack(manifest: common_pb2.WeightManifest, payload: bytearray | memoryview) -> dict[str, torch.Tensor]:
+    """The state dict a payload describes (zero-copy views)."""
+    return dict(iter_tensors(manifest, payload))

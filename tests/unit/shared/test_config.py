@@ -1,0 +1,99 @@
+"""Run-config validation: every bad input names the field and the fix."""
+
+from pathlib import Path
+
+import pytest
+
+from cadence.config import DPOConfig, GRPOConfig, load_run_config, parse_run_config
+from cadence.errors import ConfigError
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "run.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_defaults_follow_the_paper() -> None:
+    config = parse_run_config({})
+    assert isinstance(config.algorithm, DPOConfig)
+    assert config.algorithm.beta == 0.1
+    assert config.optimizer.eps == 1e-4
+    assert config.optimizer.grad_clip == 0.1
+
+
+def test_algorithm_is_a_discriminated_union(tmp_path: Path) -> None:
+    config = load_run_config(write(tmp_path, "algorithm: {type: grpo, kl_beta: 0.01}\nsampling: {n: 8}\n"))
+    assert isinstance(config.algorithm, GRPOConfig)
+    assert config.algorithm.kl_beta == 0.01
+    assert config.run_id == "run"
+
+
+def test_unknown_algorithm_names_the_choices(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"algorithm: unknown algorithm type; use 'dpo' or 'grpo'"):
+        load_run_config(write(tmp_path, "algorithm: {type: ppo}\n"))
+
+
+@pytest.mark.parametrize("value", [0, -3])
+def test_sync_every_must_be_positive(tmp_path: Path, value: int) -> None:
+    with pytest.raises(ConfigError, match=r"sync_every: .*greater than or equal to 1"):
+        load_run_config(write(tmp_path, f"sync_every: {value}\n"))
+
+
+def test_bad_yaml_is_reported_with_the_file(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"run.yaml is not valid YAML"):
+        load_run_config(write(tmp_path, "steps: [1, 2\n"))
+
+
+def test_unknown_field_is_reported_with_its_path(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"optimizer.learning_rate: unknown field"):
+        load_run_config(write(tmp_path, "optimizer: {learning_rate: 0.1}\n"))
+
+
+def test_missing_file_says_what_to_pass(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_run_config(tmp_path / "nope.yaml")
+
+
+def test_top_level_must_be_a_mapping(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="must be a mapping"):
+        load_run_config(write(tmp_path, "- 1\n- 2\n"))
+
+
+def test_overrides_apply_dotted_keys(tmp_path: Path) -> None:
+    config = load_run_config(write(tmp_path, "steps: 5\n"), ["steps=7", "optimizer.lr=0.001", "sync_every=null"])
+    assert config.steps == 7
+    assert config.optimizer.lr == 0.001
+    assert config.offline
+
+
+def test_malformed_override_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="dotted.key=value"):
+        load_run_config(write(tmp_path, "steps: 5\n"), ["steps"])
+
+
+def test_dpo_needs_two_samples() -> None:
+    with pytest.raises(ConfigError, match="sampling.n >= 2"):
+        parse_run_config({"sampling": {"n": 1}})
+
+
+@pytest.mark.parametrize(
+    ("sync_every", "steps", "expected"),
+    [(2, [0, 1, 2, 3, 4], [0, 0, 2, 2, 4]), (1, [0, 1, 2], [0, 1, 2]), (None, [0, 5, 99], [0, 0, 0])],
+)
+def test_cadence_rule_min_version(sync_every: int | None, steps: list[int], expected: list[int]) -> None:
+    config = parse_run_config({"sync_every": sync_every})
+    assert [config.min_version(t) for t in steps] == expected
+
+
+def test_reference_sync_auto_follows_the_paper() -> None:
+    math_run = parse_run_config({"sync_every": 4})
+    chat_run = parse_run_config({"sync_every": 4, "tasks": [{"name": "c", "kind": "chat", "dataset": "wildchat"}]})
+    assert math_run.resolved_ref_sync_every() == 4
+    assert chat_run.resolved_ref_sync_every() is None
+    assert parse_run_config({"ref_sync_every": 3}).resolved_ref_sync_every() == 3
+
+
+def test_bad_run_id_is_refused() -> None:
+    with pytest.raises(ConfigError, match="run_id"):
+        parse_run_config({"run_id": "a b/c"})
