@@ -167,6 +167,89 @@ def seed_smollm2(
     typer.echo(build_smollm2(force=force))
 
 
+@app.command("run")
+def run(
+    config: Annotated[Path, typer.Argument(help="Run config YAML (see configs/).")],
+    override: Annotated[
+        list[str] | None, typer.Option("--set", help="Override a field: --set steps=10 --set optimizer.lr=1e-4.")
+    ] = None,
+    dry_run: Annotated[bool, typer.Option(help="Validate the config, print the resolved plan, exit.")] = False,
+    engine: Annotated[str | None, typer.Option(help="Override inference.engine: vllm | hf | auto.")] = None,
+    runs_dir: Annotated[Path, typer.Option(help="Where run folders are created.")] = Path("runs"),
+    keep: Annotated[bool, typer.Option(help="Keep the run's Redis data after it ends.")] = False,
+) -> None:
+    """Train: start Redis, broker, reward, inference and trainer locally, show progress, write the report.
+
+    Everything lands in runs/<run_id>/: logs/<service>.log, metrics.jsonl, ledger.jsonl, eval_*.json,
+    final/ (the trained model), plots/ and report.md.
+    """
+    from cadence.config import load_run_config
+    from cadence.launcher import describe, make_plan
+    from cadence.settings import ServiceSettings
+
+    parsed = load_run_config(config, override or [])
+    settings = ServiceSettings()
+    external = settings.redis_url if "redis_url" in settings.model_fields_set else ""
+    plan = make_plan(parsed, runs_dir, redis_url=external, engine=engine)
+    if dry_run:
+        typer.echo(describe(plan))
+        return
+    from rich.console import Console
+
+    from cadence.launcher import run_local
+
+    raise typer.Exit(run_local(plan, Console(), keep=keep))
+
+
+@app.command("eval")
+def evaluate(
+    model: Annotated[str, typer.Option(help="Model dir, seed name (tiny, smollm2) or RUN_DIR (uses RUN_DIR/final).")],
+    dataset: Annotated[str, typer.Option(help="toy | math500 | amc23 | a JSONL path.")] = "toy",
+    split: Annotated[str, typer.Option(help="Split for the toy task.")] = "test",
+    samples: Annotated[int, typer.Option(help="k samples per problem (paper: 50).")] = 1,
+    temperature: Annotated[float, typer.Option(help="Sampling temperature (paper: 0.6; 0 = greedy).")] = 0.0,
+    top_p: Annotated[float, typer.Option(help="Nucleus cut (paper: 0.9).")] = 1.0,
+    max_tokens: Annotated[int, typer.Option(help="New tokens per answer.")] = 64,
+    limit: Annotated[int | None, typer.Option(help="Evaluate the first N problems only.")] = None,
+    engine: Annotated[str, typer.Option(help="vllm | hf | auto.")] = "auto",
+    out: Annotated[Path | None, typer.Option(help="Per-problem JSONL of answers and verdicts.")] = None,
+) -> None:
+    """Math accuracy averaged over k samples per problem, with every answer and verdict in a JSONL."""
+    import json
+
+    from cadence.evaluation import evaluate_math, load_eval_problems
+    from cadence.inference.engine import create_engine
+    from cadence.models import resolve_model
+
+    path = Path(model)
+    model_dir = path / "final" if (path / "final" / "config.json").exists() else resolve_model(model)
+    problems = load_eval_problems(dataset, split, limit)
+    eng = create_engine(engine, model_dir)
+    try:
+        summary = evaluate_math(
+            eng,
+            problems,
+            samples=samples,
+            temperature=temperature,
+            top_p=top_p,
+            max_tokens=max_tokens,
+            out=out,
+            label=str(model_dir),
+            dataset=dataset,
+        )
+    finally:
+        eng.close()
+    typer.echo(json.dumps(summary.to_json(), indent=2))
+
+
+@app.command("report")
+def report(run_dir: Annotated[Path, typer.Argument(help="A run folder (runs/<run_id>).")]) -> None:
+    """Regenerate runs/<run_id>/report.md and its plots from the run's files."""
+    from cadence.report import write_report
+
+    typer.echo(write_report(run_dir))
+
+
 def main() -> None:
     """Console entry point: typed errors print their message (which says the fix) and exit 2."""
     try:

@@ -121,8 +121,10 @@ class EvalConfig(_Strict):
     temperature: float = Field(0.0, ge=0)
     top_p: float = Field(1.0, gt=0, le=1)
     max_problems: int | None = Field(500, gt=0)
-    every: int = Field(0, ge=0)
-    """Also evaluate every this many steps (0: only before and after)."""
+    max_tokens: int | None = Field(None, ge=1)
+    """New tokens per answer; None: the run's `sampling.max_tokens`."""
+    engine: Literal["auto", "vllm", "hf"] = "auto"
+    """`auto`: the run's inference engine. `hf` avoids vLLM's start-up for tiny models."""
 
 
 class InferenceConfig(_Strict):
@@ -152,6 +154,8 @@ class RunConfig(_Strict):
     steps: int = Field(60, ge=1)
     batch_prompts: int = Field(32, ge=1)
     """Prompts per optimizer step (the paper counts batches in prompts)."""
+    reward_model: str = ""
+    """Reward model for `chat` tasks: a directory, a hub id, or `tiny-rm` (built locally)."""
     entropy_coef: float = Field(0.0, ge=0)
     """Weight of an entropy bonus."""
     sampling: SamplingConfig = Field(default_factory=SamplingConfig)
@@ -175,6 +179,12 @@ class RunConfig(_Strict):
         if isinstance(value, int) and value < 1:
             raise ValueError("ref_sync_every must be >= 1, null (fixed seed reference) or 'auto'")
         return value
+
+    @model_validator(mode="after")
+    def _chat_needs_a_reward_model(self) -> RunConfig:
+        if "chat" in self.task_kinds and not self.reward_model:
+            raise ValueError("chat tasks are scored by a reward model: set reward_model (e.g. tiny-rm or a path)")
+        return self
 
     @model_validator(mode="after")
     def _grpo_needs_groups(self) -> RunConfig:

@@ -65,6 +65,12 @@ class InferenceSettings(ServiceSettings):
     """Weight broker `host:port` (`CADENCE_BROKER_ADDR`)."""
     worker: bool = True
     """Consume the run's prompt stream (`CADENCE_WORKER`); off serves only `Generate`."""
+    worker_id: str = ""
+    """Consumer name in the `inference` group (`CADENCE_WORKER_ID`); empty: `<hostname>-<pid>`."""
+    batch_prompts: int = Field(32, ge=1, le=1024)
+    """Prompts taken off the stream per engine batch (`CADENCE_BATCH_PROMPTS`)."""
+    reclaim_idle_ms: int = Field(30_000, ge=100)
+    """A prompt left unacknowledged this long by a dead worker is taken over (`CADENCE_RECLAIM_IDLE_MS`)."""
 
 
 class RewardSettings(ServiceSettings):

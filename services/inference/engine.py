@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from cadence.errors import ConfigError, InvalidRequest, TooLarge
+from cadence.errors import ConfigError, InvalidRequest, NotReady, TooLarge
 
 if TYPE_CHECKING:
     import torch
@@ -85,6 +85,20 @@ class Sample:
     logprobs: list[float]
     finish_reason: str
     """"stop" (EOS or a stop string) or "length"."""
+
+    def to_pb(self) -> common_pb2.Sample:
+        from cadence.v1 import common_pb2
+
+        return common_pb2.Sample(
+            text=self.text, token_ids=self.token_ids, logprobs=self.logprobs, finish_reason=self.finish_reason
+        )
+
+
+def prompt_input(prompt: common_pb2.Prompt) -> PromptInput:
+    """A `cadence.v1.Prompt` as engine input: its chat messages when it has any, else its text."""
+    if prompt.messages:
+        return [{"role": message.role, "content": message.content} for message in prompt.messages]
+    return prompt.text
 
 
 @dataclass
@@ -155,7 +169,7 @@ class Engine(ABC):
 
     @property
     def version(self) -> int:
-        """The policy version of the loaded weights (0: the seed model)."""
+        """The policy version of the loaded weights (0: the seed model; -1: a load failed midway)."""
         return self._version
 
     @property
@@ -171,42 +185,58 @@ class Engine(ABC):
             raise InvalidRequest("a prompt needs `text` or at least one chat message")
         if not self.tokenizer.chat_template:
             raise InvalidRequest(f"model {self.model_path} has no chat template; send the prompt as text")
-        encoded = self.tokenizer.apply_chat_template(
-            [dict(message) for message in prompt], add_generation_prompt=True, tokenize=True, return_dict=True
-        )
+        from jinja2 import TemplateError
+
+        try:
+            encoded = self.tokenizer.apply_chat_template(
+                [dict(message) for message in prompt], add_generation_prompt=True, tokenize=True, return_dict=True
+            )
+        except (TemplateError, ValueError, TypeError, KeyError) as error:
+            raise InvalidRequest(f"the chat template of {self.model_path} refused the messages: {error}") from error
         return list(encoded["input_ids"])
+
+    def prepare(self, prompt: PromptInput, params: SamplingParams) -> list[int]:
+        """Token ids of one prompt, or `InvalidRequest` when it cannot be generated with `params`."""
+        if isinstance(prompt, str) and not prompt:
+            raise InvalidRequest("a prompt needs `text` or at least one chat message")
+        ids = self.encode(prompt)
+        if len(ids) + params.max_tokens > self.max_model_len:
+            raise TooLarge(
+                f"prompt of {len(ids)} tokens + max_tokens {params.max_tokens} exceeds the model's "
+                f"{self.max_model_len}-token context; shorten the prompt or lower max_tokens"
+            )
+        return ids
 
     def generate(self, prompts: Sequence[PromptInput], params: SamplingParams) -> Generation:
         """`params.n` samples for each prompt, all from one version of the weights."""
         import time
 
         params.validate()
-        if not prompts:
-            return Generation([], self._version)
         if len(prompts) > MAX_PROMPTS:
             raise TooLarge(f"{len(prompts)} prompts in one call; send at most {MAX_PROMPTS}")
-        token_ids = [self.encode(prompt) for prompt in prompts]
-        for ids in token_ids:
-            if len(ids) + params.max_tokens > self.max_model_len:
-                raise TooLarge(
-                    f"prompt of {len(ids)} tokens + max_tokens {params.max_tokens} exceeds the model's "
-                    f"{self.max_model_len}-token context; shorten the prompt or lower max_tokens"
-                )
+        token_ids = [self.prepare(prompt, params) for prompt in prompts]
         with self._lock.read():
+            if self._version < 0:
+                raise NotReady("a weight update failed midway; generation resumes after the next successful sync")
             started = time.perf_counter()
-            samples = self._generate(token_ids, params)
+            samples = self._generate(token_ids, params) if token_ids else []
             version = self._version
             seconds = time.perf_counter() - started
         completions = [Completion(s, ids) for s, ids in zip(samples, token_ids, strict=True)]
         return Generation(completions, version, seconds)
 
     def load_weights(self, tensors: Iterable[tuple[str, torch.Tensor]], version: int) -> None:
-        """Replace the weights in place with `tensors` (HF checkpoint names) and tag them `version`."""
+        """Replace the weights in place with `tensors` (HF checkpoint names) and tag them `version`.
+
+        A load that fails midway leaves unknown weights: the version becomes -1 and `generate` refuses
+        until a later load succeeds.
+        """
         with self._lock.write():
+            self._version = -1
             self._load(tensors)
             self._version = version
 
-    def close(self) -> None:
+    def close(self) -> None:  # noqa: B027 - engines without processes have nothing to release
         """Release the engine's processes and memory."""
 
     @abstractmethod

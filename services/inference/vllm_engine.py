@@ -15,6 +15,7 @@ weights would be reused. vLLM spawns an engine process: scripts that build this 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import threading
 import uuid
@@ -116,7 +117,10 @@ class VllmEngine(Engine):
         return self._max_len
 
     def _generate(self, prompts: list[list[int]], params: SamplingParams) -> list[list[Sample]]:
-        return self._run(self._generate_all(prompts, _vllm_params(params)))
+        if params.temperature == 0:  # vLLM refuses n > 1 when greedy: one sample stands for all n
+            rows = self._run(self._generate_all(prompts, _vllm_params(params, n=1)))
+            return [row * params.n for row in rows]
+        return self._run(self._generate_all(prompts, _vllm_params(params, n=params.n)))
 
     async def _generate_all(self, prompts: list[list[int]], params: Any) -> list[list[Sample]]:
         return list(await asyncio.gather(*(self._generate_one(ids, params) for ids in prompts)))
@@ -156,18 +160,28 @@ class VllmEngine(Engine):
     def close(self) -> None:
         if self._loop.is_closed():
             return
-        self._llm.shutdown()
+        self._run(self._shutdown())
+        self._llm = None
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(timeout=10)
         self._loop.close()
 
+    async def _shutdown(self) -> None:
+        # Stop the output handler first, or it reports the engine process's exit as a failure.
+        handler, self._llm.output_handler = self._llm.output_handler, None
+        if handler is not None:
+            handler.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await handler
+        self._llm.shutdown()
 
-def _vllm_params(params: SamplingParams) -> Any:
+
+def _vllm_params(params: SamplingParams, n: int) -> Any:
     from vllm import SamplingParams as VllmSamplingParams
     from vllm.sampling_params import RequestOutputKind
 
     return VllmSamplingParams(
-        n=params.n,
+        n=n,
         temperature=params.temperature,
         top_p=params.top_p,
         top_k=params.top_k,

@@ -69,6 +69,7 @@ class WeightTransport(ABC):
         """A whole version as a state dict."""
         return dict(self.fetch_tensors(version))
 
+    @abstractmethod
     def close(self) -> None:
         """Release connections."""
 
@@ -146,26 +147,17 @@ class BrokerClient(WeightTransport):
             time.sleep(self._delay(failures))
 
     def fetch_tensors(self, version: int) -> Iterator[tuple[str, torch.Tensor]]:
-        assembler: Assembler | None = None
-        yielded, failures = 0, 0
+        state = _Fetch(version)
+        failures = 0
         while True:
-            offset = assembler.received if assembler is not None else 0
+            offset = state.assembler.received if state.assembler is not None else 0
             request = broker_pb2.FetchRequest(run_id=self.run_id, version=version, offset=offset)
             call = self._stub.Fetch(request, timeout=self.stream_timeout)
             try:
                 for message in call:
-                    if message.WhichOneof("body") == "manifest":
-                        assembler = self._start(assembler, message.manifest, version)
-                        continue
-                    if assembler is None:
-                        raise errors.IntegrityError("the broker sent data before the manifest")
-                    assembler.add(message.data, message.offset)
                     failures = 0
-                    yield from self._ready(assembler, yielded, assembler.received)
-                    yielded = self._count_ready(assembler, assembler.received)
-                if assembler is not None and assembler.complete:
-                    assembler.finish()
-                    yield from self._ready(assembler, yielded, assembler.received + 1)
+                    yield from self._receive(state, message)
+                if state.assembler is not None and state.assembler.complete:
                     return
                 failure = "the stream ended early"
             except grpc.RpcError as error:
@@ -190,33 +182,28 @@ class BrokerClient(WeightTransport):
 
     # -- helpers ------------------------------------------------------------------------------------------
 
-    def _start(self, assembler: Assembler | None, manifest: common_pb2.WeightManifest, version: int) -> Assembler:
-        """A new assembler for the first manifest; on resume, check it is still the same payload."""
-        if manifest.version != version or manifest.run_id != self.run_id:
+    def _receive(self, state: _Fetch, message: common_pb2.WeightChunk) -> Iterator[tuple[str, torch.Tensor]]:
+        """Take one message; yield the tensors it completes."""
+        if message.WhichOneof("body") == "manifest":
+            self._check_manifest(state, message.manifest)
+            return
+        if state.assembler is None:
+            raise errors.IntegrityError("the broker sent data before the manifest")
+        state.assembler.add(message.data, message.offset)
+        if state.assembler.complete:
+            state.assembler.finish()
+        yield from state.ready()
+
+    def _check_manifest(self, state: _Fetch, manifest: common_pb2.WeightManifest) -> None:
+        """Start assembling on the first manifest; on a resume, insist on the same payload."""
+        if manifest.version != state.version or manifest.run_id != self.run_id:
             raise errors.IntegrityError(
-                f"asked for run {self.run_id!r} version {version}, got {manifest.run_id!r} {manifest.version}"
+                f"asked for run {self.run_id!r} version {state.version}, got {manifest.run_id!r} {manifest.version}"
             )
-        if assembler is None:
-            return Assembler(manifest)
-        if manifest.sha256 != assembler.manifest.sha256:
-            raise errors.IntegrityError(f"version {version} changed between resumed fetches; fetch it again")
-        return assembler
-
-    @staticmethod
-    def _count_ready(assembler: Assembler, received: int) -> int:
-        specs = assembler.manifest.tensors
-        return sum(1 for spec in specs if spec.offset + spec.nbytes <= received and spec.offset < received + 1)
-
-    @staticmethod
-    def _ready(assembler: Assembler, start: int, limit: int) -> Iterator[tuple[str, torch.Tensor]]:
-        """Tensors `start`… whose bytes lie below `limit` (views into the verified buffer)."""
-        specs = assembler.manifest.tensors
-        end = start
-        while end < len(specs) and specs[end].offset + specs[end].nbytes <= limit and specs[end].offset < limit:
-            end += 1
-        if end > start:
-            partial = common_pb2.WeightManifest(tensors=specs[start:end])
-            yield from iter_tensors(partial, assembler.buffer)
+        if state.assembler is None:
+            state.assembler = Assembler(manifest)
+        elif manifest.sha256 != state.assembler.manifest.sha256:
+            raise errors.IntegrityError(f"version {state.version} changed between resumed fetches; fetch it again")
 
     def _call(self, method: str, fn: Callable[[], T]) -> T:
         """Run a unary or client-streaming call, retrying transient failures with backoff."""
@@ -239,6 +226,27 @@ class BrokerClient(WeightTransport):
     def _error(self, method: str, error: grpc.RpcError) -> errors.CadenceError:
         cls = _ERRORS.get(error.code(), errors.CadenceError)
         return cls(f"broker {self.target} {method}: {error.details()}")
+
+
+class _Fetch:
+    """Progress of one fetch across reconnects: the verified bytes so far and the tensors handed out."""
+
+    def __init__(self, version: int) -> None:
+        self.version = version
+        self.assembler: Assembler | None = None
+        self.yielded = 0
+
+    def ready(self) -> Iterator[tuple[str, torch.Tensor]]:
+        """Tensors not yet handed out whose bytes are all verified (zero-copy views into the buffer)."""
+        assert self.assembler is not None
+        specs = self.assembler.manifest.tensors
+        end = self.yielded
+        while end < len(specs) and specs[end].offset + specs[end].nbytes <= self.assembler.received:
+            end += 1
+        if end > self.yielded:
+            done = common_pb2.WeightManifest(tensors=specs[self.yielded : end])
+            self.yielded = end
+            yield from iter_tensors(done, self.assembler.buffer)
 
 
 TRANSPORTS: dict[str, Callable[..., WeightTransport]] = {"broker": BrokerClient}

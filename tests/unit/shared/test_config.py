@@ -88,7 +88,8 @@ def test_cadence_rule_min_version(sync_every: int | None, steps: list[int], expe
 
 def test_reference_sync_auto_follows_the_paper() -> None:
     math_run = parse_run_config({"sync_every": 4})
-    chat_run = parse_run_config({"sync_every": 4, "tasks": [{"name": "c", "kind": "chat", "dataset": "wildchat"}]})
+    chat_task = {"name": "c", "kind": "chat", "dataset": "wildchat"}
+    chat_run = parse_run_config({"sync_every": 4, "tasks": [chat_task], "reward_model": "tiny-rm"})
     assert math_run.resolved_ref_sync_every() == 4
     assert chat_run.resolved_ref_sync_every() is None
     assert parse_run_config({"ref_sync_every": 3}).resolved_ref_sync_every() == 3
@@ -97,3 +98,8 @@ def test_reference_sync_auto_follows_the_paper() -> None:
 def test_bad_run_id_is_refused() -> None:
     with pytest.raises(ConfigError, match="run_id"):
         parse_run_config({"run_id": "a b/c"})
+
+
+def test_chat_tasks_need_a_reward_model() -> None:
+    with pytest.raises(ConfigError, match="set reward_model"):
+        parse_run_config({"tasks": [{"name": "c", "kind": "chat", "dataset": "wildchat"}]})

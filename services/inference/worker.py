@@ -1,0 +1,247 @@
+"""The rollout worker: prompts stream → engine (synced per the cadence rule) → rollouts stream.
+
+For every prompt the loaded policy version must be ≥ the prompt's `min_version` (DESIGN.md §2). Prompts
+already allowed are generated first; for the rest the worker waits until the broker has a version that is
+new enough, fetches the newest one whole (every chunk and the whole payload sha256-verified) and only then
+loads it, so a broken fetch never leaves half-loaded weights. Outputs are written and inputs acknowledged in
+one atomic step (`StreamConsumer.forward`), so a crash loses nothing and writes nothing twice.
+
+A background thread follows the broker's `Watch` stream, so waiting for a version costs no polling. Another
+keeps the entries being worked on fresh in Redis (XCLAIM to ourselves), so a long generation is not
+reclaimed by another worker; a dead worker's entries go idle and are reclaimed after `reclaim_idle_ms`.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import threading
+import time
+from collections import defaultdict
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import redis
+from prometheus_client import Counter, Gauge, Histogram
+
+from cadence.clients.broker import WeightTransport
+from cadence.errors import CadenceError, CadenceRuleViolation, InvalidRequest
+from cadence.inference.engine import Engine, SamplingParams, prompt_input
+from cadence.logging import get_logger
+from cadence.streams import GROUPS, Entry, StreamConsumer, stream_key
+from cadence.v1 import common_pb2
+
+log = get_logger(__name__)
+
+PROMPTS = Counter("cadence_inference_prompts", "Prompts taken off the stream", ["outcome"])
+TOKENS = Counter("cadence_inference_generated_tokens", "Tokens generated for rollouts")
+LOADED_VERSION = Gauge("cadence_inference_loaded_version", "Policy version of the loaded weights")
+SYNC_SECONDS = Histogram("cadence_inference_sync_seconds", "Weight sync (fetch + load) duration")
+GENERATE_SECONDS = Histogram("cadence_inference_generate_seconds", "Engine call duration per sampling group")
+
+MAX_BACKOFF_SECONDS = 15.0
+
+
+def default_worker_id() -> str:
+    """`<host>-<pid>`: unique per process (a pod's hostname is its name)."""
+    return f"{socket.gethostname()}-{os.getpid()}"
+
+
+class VersionWatcher:
+    """Follows the broker's `Watch` stream on a daemon thread; `wait_for(v)` blocks until a version ≥ v exists."""
+
+    def __init__(self, weights: WeightTransport) -> None:
+        self.weights = weights
+        self._newest: common_pb2.VersionInfo | None = None
+        self._cond = threading.Condition()
+        self._thread = threading.Thread(target=self._follow, name="broker-watch", daemon=True)
+        self._thread.start()
+
+    def _follow(self) -> None:
+        failures = 0
+        while True:
+            try:
+                for info in self.weights.watch(self._newest.version if self._newest else -1):
+                    failures = 0
+                    with self._cond:
+                        self._newest = info
+                        self._cond.notify_all()
+            except CadenceError as error:  # the client already retried transient failures
+                failures += 1
+                delay = min(MAX_BACKOFF_SECONDS, 0.5 * 2**failures)
+                log.warning("broker watch failed (%s); retrying in %.1fs", error, delay)
+                time.sleep(delay)
+
+    def wait_for(self, version: int, stop: threading.Event) -> common_pb2.VersionInfo | None:
+        """The newest version once it is ≥ `version`; None if `stop` is set first."""
+        with self._cond:
+            while not stop.is_set():
+                if self._newest is not None and self._newest.version >= version:
+                    return self._newest
+                self._cond.wait(0.5)
+        return None
+
+
+class RolloutWorker:
+    """Consumes `prompts` (group `inference`) and writes one `Rollout` per prompt to `rollouts`."""
+
+    def __init__(
+        self,
+        engine: Engine,
+        client: redis.Redis,
+        run_id: str,
+        weights: WeightTransport,
+        *,
+        worker_id: str | None = None,
+        batch_prompts: int = 32,
+        reclaim_idle_ms: int = 30_000,
+        block_ms: int = 1_000,
+    ) -> None:
+        self.engine = engine
+        self.weights = weights
+        self.worker_id = worker_id or default_worker_id()
+        self.batch_prompts = batch_prompts
+        self.prompts_key = stream_key(run_id, "prompts")
+        self.rollouts_key = stream_key(run_id, "rollouts")
+        self.consumer = StreamConsumer(
+            client,
+            self.prompts_key,
+            GROUPS["prompts"],
+            self.worker_id,
+            common_pb2.Prompt,
+            reclaim_idle_ms=reclaim_idle_ms,
+            block_ms=block_ms,
+        )
+        self.watcher = VersionWatcher(weights)
+        self._held: list[Entry[common_pb2.Prompt]] = []
+        LOADED_VERSION.set(engine.version)
+
+    def run(self, stop: threading.Event) -> None:
+        """Loop until `stop` is set; the batch in hand is finished first. Failures back off and retry."""
+        log.info("rollout worker started", extra={"worker": self.worker_id, "stream": self.prompts_key})
+        failures = 0
+        while not stop.is_set():
+            try:
+                self.step(stop)
+                failures = 0
+            except (CadenceError, redis.RedisError) as error:
+                failures += 1
+                delay = min(MAX_BACKOFF_SECONDS, 0.5 * 2**failures)
+                log.warning("worker step failed (%s: %s); retrying in %.1fs", type(error).__name__, error, delay)
+                stop.wait(delay)
+        log.info("rollout worker stopped", extra={"worker": self.worker_id, "released": len(self._held)})
+
+    def step(self, stop: threading.Event) -> int:
+        """Take a batch (or keep the one a failure left in hand) and finish it; returns rollouts written."""
+        if not self._held:
+            self._held = self.consumer.read(self.batch_prompts)
+        written = 0
+        with self._keep_alive():
+            while self._held and not stop.is_set():
+                ready = [e for e in self._held if e.message.min_version <= self.engine.version]
+                if not ready:
+                    self._sync(min(e.message.min_version for e in self._held), stop)
+                    continue
+                written += self._generate(ready)
+                done = {e.id for e in ready}
+                self._held = [e for e in self._held if e.id not in done]
+        return written
+
+    def _sync(self, version: int, stop: threading.Event) -> None:
+        """Load the newest published version once one is ≥ `version` (returns early when stopping)."""
+        if self.engine.version < version:
+            log.info("waiting for policy version %d (loaded: %d)", version, self.engine.version)
+        info = self.watcher.wait_for(version, stop)
+        if info is None:
+            return
+        started = time.perf_counter()
+        tensors = self.weights.fetch(info.version)  # whole and verified before the engine is touched
+        fetched = time.perf_counter()
+        self.engine.load_weights(tensors.items(), info.version)
+        LOADED_VERSION.set(info.version)
+        SYNC_SECONDS.observe(time.perf_counter() - started)
+        log.info(
+            "loaded policy version %d",
+            info.version,
+            extra={"fetch_s": round(fetched - started, 3), "load_s": round(time.perf_counter() - fetched, 3)},
+        )
+
+    def _generate(self, entries: list[Entry[common_pb2.Prompt]]) -> int:
+        """Generate the entries, one engine call per sampling configuration; forward each group's rollouts."""
+        groups: dict[SamplingParams, list[Entry[common_pb2.Prompt]]] = defaultdict(list)
+        for entry in entries:
+            params = self._checked(entry)
+            if params is not None:
+                groups[params].append(entry)
+        written = 0
+        for params, group in groups.items():
+            generation = self.engine.generate([prompt_input(e.message) for e in group], params)
+            GENERATE_SECONDS.observe(generation.seconds)
+            needed = max(e.message.min_version for e in group)
+            if generation.policy_version < needed:
+                raise CadenceRuleViolation(
+                    f"generated with version {generation.policy_version} but min_version is {needed}; "
+                    "weights were replaced by an older version outside the worker"
+                )
+            rollouts = [
+                common_pb2.Rollout(
+                    prompt=entry.message,
+                    samples=[sample.to_pb() for sample in completion.samples],
+                    prompt_token_ids=completion.prompt_token_ids,
+                    policy_version=generation.policy_version,
+                    generation_seconds=generation.seconds,
+                    worker_id=self.worker_id,
+                )
+                for entry, completion in zip(group, generation.completions, strict=True)
+            ]
+            if self.consumer.forward([e.id for e in group], self.rollouts_key, rollouts):
+                written += len(rollouts)
+                PROMPTS.labels(outcome="generated").inc(len(rollouts))
+                TOKENS.inc(sum(len(s.token_ids) for c in generation.completions for s in c.samples))
+            else:
+                PROMPTS.labels(outcome="reclaimed").inc(len(rollouts))
+        return written
+
+    def _checked(self, entry: Entry[common_pb2.Prompt]) -> SamplingParams | None:
+        """The prompt's sampling params, or None after moving an ungeneratable prompt to `<prompts>:dead`."""
+        params = SamplingParams.from_pb(entry.message.sampling)
+        try:
+            params.validate()
+            self.engine.prepare(prompt_input(entry.message), params)
+        except InvalidRequest as error:
+            log.error("prompt %s cannot be generated, moved to %s:dead: %s", entry.message.prompt_id, self.prompts_key, error)
+            self.consumer.forward([entry.id], f"{self.prompts_key}:dead", [entry.message])
+            PROMPTS.labels(outcome="rejected").inc()
+            return None
+        return params
+
+    @contextmanager
+    def _keep_alive(self) -> Iterator[None]:
+        """While a batch is in hand, re-claim its entries to ourselves so their idle time stays low."""
+        done = threading.Event()
+        interval = self.consumer.reclaim_idle_ms / 3000
+
+        def touch() -> None:
+            while not done.wait(interval):
+                ids = [e.id for e in self._held]
+                if not ids:
+                    continue
+                try:
+                    self.consumer.client.xclaim(
+                        self.prompts_key,
+                        self.consumer.group,
+                        self.worker_id,
+                        min_idle_time=int(interval * 1000),
+                        message_ids=ids,
+                        justid=True,
+                    )
+                except redis.RedisError as error:  # the main loop reports outages; this only delays reclaim
+                    log.debug("keep-alive failed: %s", error)
+
+        thread = threading.Thread(target=touch, name="keep-alive", daemon=True)
+        thread.start()
+        try:
+            yield
+        finally:
+            done.set()
+            thread.join()

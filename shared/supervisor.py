@@ -1,0 +1,121 @@
+"""Child processes of a local run: start with logs to files, watch, stop cleanly, leave no orphans.
+
+Each child runs in its own session (so a terminal's Ctrl-C reaches only the launcher, which then stops the
+children in order) and asks the kernel to SIGTERM it if the launcher dies (PR_SET_PDEATHSIG), so even a
+SIGKILLed launcher leaves nothing behind.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import os
+import signal
+import subprocess
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+_PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent() -> None:
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
+@dataclass
+class Child:
+    """A named child process and the file its output goes to."""
+
+    name: str
+    args: list[str]
+    log_path: Path
+    proc: subprocess.Popen[bytes] | None = None
+    started: float = field(default=0.0)
+
+    @property
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    @property
+    def returncode(self) -> int | None:
+        return None if self.proc is None else self.proc.poll()
+
+    def tail(self, lines: int = 20) -> str:
+        """The last lines of the child's log (what a person needs to see when it failed)."""
+        try:
+            text = self.log_path.read_text(errors="replace")
+        except FileNotFoundError:
+            return "(no log written)"
+        return "\n".join(text.splitlines()[-lines:])
+
+
+class Supervisor:
+    """Starts children, reports the first one that died, and stops them all in reverse order."""
+
+    def __init__(self, log_dir: Path, env: dict[str, str] | None = None) -> None:
+        self.log_dir = log_dir
+        self.env = {**os.environ, **(env or {})}
+        self.children: list[Child] = []
+        log_dir.mkdir(parents=True, exist_ok=True)
+
+    def start(self, name: str, args: Sequence[str], env: dict[str, str] | None = None) -> Child:
+        child = Child(name, list(args), self.log_dir / f"{name}.log")
+        with child.log_path.open("ab") as log:
+            child.proc = subprocess.Popen(
+                child.args,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                env={**self.env, **(env or {})},
+                start_new_session=True,
+                preexec_fn=_die_with_parent,
+            )
+        child.started = time.monotonic()
+        self.children.append(child)
+        return child
+
+    def first_failure(self, ignore: Sequence[str] = ()) -> Child | None:
+        """A child that exited (any exit is a failure while the run is going), if any."""
+        for child in self.children:
+            if child.name not in ignore and not child.alive:
+                return child
+        return None
+
+    def stop(self, name: str, grace: float = 15.0) -> None:
+        for child in self.children:
+            if child.name == name:
+                _terminate(child, grace)
+
+    def stop_all(self, grace: float = 15.0) -> None:
+        """SIGTERM everyone (newest first), then SIGKILL whoever is still there after `grace` seconds."""
+        for child in reversed(self.children):
+            if child.alive and child.proc is not None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(child.proc.pid, signal.SIGTERM)
+        deadline = time.monotonic() + grace
+        for child in reversed(self.children):
+            _wait_or_kill(child, max(0.1, deadline - time.monotonic()))
+
+
+def _terminate(child: Child, grace: float) -> None:
+    if child.alive and child.proc is not None:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(child.proc.pid, signal.SIGTERM)
+    _wait_or_kill(child, grace)
+
+
+def _wait_or_kill(child: Child, timeout: float) -> None:
+    if child.proc is None:
+        return
+    try:
+        child.proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(child.proc.pid, signal.SIGKILL)
+        child.proc.wait()
+    # the session may hold grandchildren (vLLM's engine process, pool workers): end them too
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(child.proc.pid, signal.SIGKILL)
