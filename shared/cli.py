@@ -177,6 +177,10 @@ def run(
     engine: Annotated[str | None, typer.Option(help="Override inference.engine: vllm | hf | auto.")] = None,
     runs_dir: Annotated[Path, typer.Option(help="Where run folders are created.")] = Path("runs"),
     keep: Annotated[bool, typer.Option(help="Keep the run's Redis data after it ends.")] = False,
+    attach: Annotated[
+        bool,
+        typer.Option(help="Submit to services already running (docker-compose, Kubernetes) via CADENCE_REDIS_URL."),
+    ] = False,
 ) -> None:
     """Train: start Redis, broker, reward, inference and trainer locally, show progress, write the report.
 
@@ -194,11 +198,25 @@ def run(
     if dry_run:
         typer.echo(describe(plan))
         return
+    if attach:
+        _submit(plan.config, external)
+        return
     from rich.console import Console
 
     from cadence.launcher import run_local
 
     raise typer.Exit(run_local(plan, Console(), keep=keep))
+
+
+def _submit(config: Any, redis_url: str) -> None:
+    from cadence.errors import ConfigError
+    from cadence.runs import submit
+    from cadence.streams import connect
+
+    if not redis_url:
+        raise ConfigError("--attach needs CADENCE_REDIS_URL: the Redis that the running services share")
+    run_id = submit(connect(redis_url), config)
+    typer.echo(f"submitted run {run_id}; the fleet's trainer picks it up (its metrics: the trainer's run folder)")
 
 
 @app.command("eval")

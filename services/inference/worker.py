@@ -114,7 +114,19 @@ class RolloutWorker:
         )
         self.watcher = VersionWatcher(weights)
         self._held: list[Entry[common_pb2.Prompt]] = []
+        self._pending = 0
         LOADED_VERSION.set(engine.version)
+
+    def pending_prompts(self) -> int:
+        """Prompts not yet acknowledged by the group (undelivered + in progress); the last known count
+        while Redis is unreachable, so `Status` never hangs on an outage."""
+        try:
+            for info in self.consumer.client.xinfo_groups(self.prompts_key):
+                if info["name"] in (self.consumer.group, self.consumer.group.encode()):
+                    self._pending = int(info.get("lag") or 0) + int(info.get("pending") or 0)
+        except redis.RedisError:
+            pass
+        return self._pending
 
     def run(self, stop: threading.Event) -> None:
         """Loop until `stop` is set; the batch in hand is finished first. Failures back off and retry."""
@@ -209,8 +221,9 @@ class RolloutWorker:
             params.validate()
             self.engine.prepare(prompt_input(entry.message), params)
         except InvalidRequest as error:
-            log.error("prompt %s cannot be generated, moved to %s:dead: %s", entry.message.prompt_id, self.prompts_key, error)
-            self.consumer.forward([entry.id], f"{self.prompts_key}:dead", [entry.message])
+            dead = f"{self.prompts_key}:dead"
+            log.error("prompt %s cannot be generated, moved to %s: %s", entry.message.prompt_id, dead, error)
+            self.consumer.forward([entry.id], dead, [entry.message])
             PROMPTS.labels(outcome="rejected").inc()
             return None
         return params

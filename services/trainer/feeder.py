@@ -14,12 +14,16 @@ from __future__ import annotations
 
 import random
 from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
 
 from cadence import streams
 from cadence.config import RunConfig
 from cadence.logging import get_logger
 from cadence.tasks import Problem
 from cadence.v1 import common_pb2
+
+if TYPE_CHECKING:
+    import redis
 
 log = get_logger(__name__)
 POSITION_FIELD = "feeder_next_step"
@@ -58,7 +62,9 @@ class PromptPlan:
         token_count: Callable[[str], int] | None = None,
     ) -> None:
         self.config, self.run_id = config, run_id
-        self.pools = [self._admissible(task.name, pool, token_count) for task, pool in zip(config.tasks, problems)]
+        self.pools = [
+            self._admissible(task.name, pool, token_count) for task, pool in zip(config.tasks, problems, strict=True)
+        ]
         self.names = [task.name for task in config.tasks]
         self.weights = [task.weight for task in config.tasks]
         sampling = config.sampling
@@ -121,7 +127,7 @@ class PromptPlan:
 class Feeder:
     """Enqueues the plan's prompts as the trainer advances and versions are published."""
 
-    def __init__(self, client: streams.redis.Redis, plan: PromptPlan) -> None:
+    def __init__(self, client: redis.Redis, plan: PromptPlan) -> None:
         self.client, self.plan, self.config = client, plan, plan.config
         self.key = streams.stream_key(plan.run_id, "prompts")
         self.meta = streams.meta_key(plan.run_id)

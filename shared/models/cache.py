@@ -24,6 +24,7 @@ def cached_build(name: str, build: Callable[[Path], None], force: bool = False) 
         return target
     work = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=target.parent))
     try:
+        work.chmod(0o755)  # mkdtemp makes it private; the model is shared with other users' services
         build(work)
         if not (work / MARKER).is_file():
             raise RuntimeError(f"builder for {name} did not write {MARKER}")

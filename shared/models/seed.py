@@ -49,7 +49,6 @@ def build_tiny(seed: int = 0, force: bool = False) -> Path:
 
 
 def _build_tiny(out_dir: Path, seed: int) -> None:
-    import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from cadence.models.tiny import save_untrained_tiny
@@ -108,7 +107,7 @@ def _sft(model: PreTrainedModel, tokenizer: Any, seed: int, test: list) -> tuple
     raise RuntimeError(f"tiny seed {seed} did not reach {STOP_AT:.0%} in {MAX_STEPS} steps; try another --seed")
 
 
-def _train_steps(model, optimizer, schedule, order, inputs, labels, count: int) -> None:  # noqa: ANN001
+def _train_steps(model, optimizer, schedule, order, inputs, labels, count: int) -> None:
     import torch
 
     model.train()
@@ -128,7 +127,7 @@ def _train_steps(model, optimizer, schedule, order, inputs, labels, count: int) 
         schedule.step()
 
 
-def _snapshot(model, optimizer, schedule, order: torch.Generator, step: int) -> tuple:  # noqa: ANN001
+def _snapshot(model, optimizer, schedule, order: torch.Generator, step: int) -> tuple:
     return (
         copy.deepcopy(model.state_dict()),
         copy.deepcopy(optimizer.state_dict()),
@@ -138,7 +137,7 @@ def _snapshot(model, optimizer, schedule, order: torch.Generator, step: int) -> 
     )
 
 
-def _restore(model, optimizer, schedule, order: torch.Generator, snapshot: tuple) -> int:  # noqa: ANN001
+def _restore(model, optimizer, schedule, order: torch.Generator, snapshot: tuple) -> int:
     model_state, optimizer_state, schedule_state, order_state, step = snapshot
     model.load_state_dict(model_state)
     optimizer.load_state_dict(optimizer_state)

@@ -69,7 +69,7 @@ def sft_tensors(
     rows, labels = [], []
     for prompt, completion in zip(prompts, completions, strict=True):
         prompt_ids = tokenizer(prompt).input_ids
-        completion_ids = tokenizer(completion, add_special_tokens=False).input_ids + [tokenizer.eos_token_id]
+        completion_ids = [*tokenizer(completion, add_special_tokens=False).input_ids, tokenizer.eos_token_id]
         rows.append(prompt_ids + completion_ids)
         labels.append([-100] * len(prompt_ids) + completion_ids)
     width = max(len(row) for row in rows)

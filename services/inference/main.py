@@ -1,0 +1,107 @@
+"""`cadence serve inference`: the engine, the rollout worker and the `cadence.v1.Inference` gRPC server.
+
+Loads the model (`--model`: a directory, a hub id or a seed name) into the engine (`auto`: vLLM when it is
+importable, else transformers), then serves `Generate`/`Status` with health and reflection, and — unless
+`--no-worker` — consumes the run's prompt stream, syncing weights from the broker per the cadence rule.
+SIGTERM: NOT_SERVING, the worker finishes the batch in hand, in-flight calls drain, the engine shuts down.
+torch and vLLM are imported only inside `serve`, so `--help` stays instant.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import TYPE_CHECKING
+
+from cadence.errors import ConfigError
+from cadence.settings import InferenceSettings, default_port
+
+if TYPE_CHECKING:
+    from cadence.grpc import ServiceServer
+    from cadence.inference.engine import Engine
+    from cadence.inference.worker import RolloutWorker
+
+
+def serve(settings: InferenceSettings) -> None:
+    """Run the inference service until SIGTERM/SIGINT; exit non-zero if the worker crashes."""
+    from cadence.grpc import ServiceServer
+    from cadence.inference.engine import create_engine, resolve_engine_kind
+    from cadence.inference.server import InferenceServicer
+    from cadence.inference.worker import default_worker_id
+    from cadence.logging import get_logger, setup_logging
+    from cadence.metrics import serve_metrics
+    from cadence.models import resolve_model
+    from cadence.v1 import inference_pb2_grpc
+
+    setup_logging("inference", settings.log_level, settings.log_format)
+    log = get_logger(__name__)
+    if settings.worker and not settings.run_id:
+        raise ConfigError(
+            "the rollout worker needs a run: set CADENCE_RUN_ID (or --run-id), or pass --no-worker to serve "
+            "Generate only"
+        )
+    kind = resolve_engine_kind(settings.engine)
+    model_dir = resolve_model(settings.model)
+    log.info("loading model", extra={"engine": kind, "model": str(model_dir)})
+    engine = create_engine(kind, model_dir)
+    worker_id = settings.worker_id or default_worker_id()
+    server = ServiceServer("inference", settings.host, settings.grpc_port or default_port("inference"))
+    runner: _WorkerThread | None = None
+    try:
+        worker = _build_worker(settings, engine, worker_id) if settings.worker else None
+        servicer = InferenceServicer(
+            engine, settings.model, worker_id=worker_id, pending=worker.pending_prompts if worker else None
+        )
+        server.add_servicer(inference_pb2_grpc.add_InferenceServicer_to_server, servicer, "cadence.v1.Inference")
+        serve_metrics(settings.metrics_port, settings.host)
+        port = server.start()
+        log.info("inference ready", extra={"port": port, "engine": kind, "worker": worker_id if worker else None})
+        runner = _WorkerThread(worker, server) if worker else None
+        server.wait_for_termination(
+            on_term=(lambda: runner.stop(settings.grace_seconds)) if runner else None, grace=settings.grace_seconds
+        )
+    finally:
+        engine.close()
+    if runner is not None and runner.crashed:
+        raise SystemExit(1)
+
+
+def _build_worker(settings: InferenceSettings, engine: Engine, worker_id: str) -> RolloutWorker:
+    from cadence.clients.broker import BrokerClient
+    from cadence.inference.worker import RolloutWorker
+    from cadence.streams import connect
+
+    return RolloutWorker(
+        engine,
+        connect(settings.redis_url),
+        settings.run_id,
+        BrokerClient(settings.broker_addr, settings.run_id),
+        worker_id=worker_id,
+        batch_prompts=settings.batch_prompts,
+        reclaim_idle_ms=settings.reclaim_idle_ms,
+    )
+
+
+class _WorkerThread:
+    """Runs the worker beside the server; a crash stops the server so the process exits (and is restarted)."""
+
+    def __init__(self, worker: RolloutWorker, server: ServiceServer) -> None:
+        self.worker, self.server = worker, server
+        self.crashed = False
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="rollout-worker", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        from cadence.logging import get_logger
+
+        try:
+            self.worker.run(self._stop)
+        except Exception:
+            get_logger(__name__).exception("rollout worker crashed; stopping the service")
+            self.crashed = True
+            self.server.stop(0)
+
+    def stop(self, grace: float) -> None:
+        """Let the worker finish the batch in hand (up to `grace` seconds)."""
+        self._stop.set()
+        self._thread.join(grace)

@@ -1,0 +1,100 @@
+"""`cadence serve trainer --config RUN.yaml`: feeder + training loop + gRPC Trainer service.
+
+Multi-process (ZeRO across processes or GPUs): launch the same entry point once per rank,
+`torchrun --nproc-per-node N -m cadence.trainer.main --config RUN.yaml` (or
+`deepspeed --module cadence.trainer.main --config RUN.yaml`). Rank 0 reads the streams, publishes
+weights and serves gRPC; the other ranks follow its plans. torch is imported only inside `serve`, so
+`--help` stays instant.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+from typing import Any
+
+from cadence.config import DPOConfig, RunConfig, dump_run_config, load_run_config
+from cadence.errors import ConfigError
+from cadence.logging import get_logger, setup_logging
+from cadence.settings import TrainerSettings, default_port
+
+log = get_logger(__name__)
+
+
+def _load(settings: TrainerSettings) -> tuple[RunConfig, str]:
+    if settings.config is None:
+        raise ConfigError("the trainer needs a run config: pass --config RUN.yaml or set CADENCE_CONFIG")
+    config = load_run_config(settings.config)
+    run_id = settings.run_id or config.run_id
+    if not run_id:
+        raise ConfigError("no run id: set run_id in the config or CADENCE_RUN_ID")
+    return config, run_id
+
+
+def needs_old_policy(config: RunConfig) -> bool:
+    """GRPO's π_old is the snapshot of the last sync; a separate copy only when the reference differs."""
+    uses_grpo = not isinstance(config.algorithm, DPOConfig) or config.algorithm.grpo_coef > 0
+    return uses_grpo and config.resolved_ref_sync_every() != config.sync_every
+
+
+def serve(settings: TrainerSettings) -> None:
+    """Run the trainer for the configured run; rank 0 also feeds prompts and serves gRPC."""
+    setup_logging("trainer", settings.log_level, settings.log_format)
+    config, run_id = _load(settings)
+    from transformers import AutoTokenizer
+
+    from cadence.models import resolve_model
+    from cadence.trainer.engine import TrainEngine
+    from cadence.trainer.update import follow
+
+    model_dir = resolve_model(config.model.path)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    engine = TrainEngine(model_dir, config, keep_old_policy=needs_old_policy(config))
+    if not engine.is_main:
+        follow(engine, tokenizer, settings.run_dir)
+        return
+    _serve_main(settings, config, run_id, engine, tokenizer)
+
+
+def _serve_main(settings: TrainerSettings, config: RunConfig, run_id: str, engine: Any, tokenizer: Any) -> None:
+    from cadence import streams
+    from cadence.clients.broker import BrokerClient
+    from cadence.grpc import ServiceServer
+    from cadence.metrics import serve_metrics
+    from cadence.tasks import load_problems
+    from cadence.trainer.feeder import Feeder, PromptPlan
+    from cadence.trainer.loop import TrainLoop
+    from cadence.trainer.server import TrainerServicer
+    from cadence.v1 import trainer_pb2_grpc
+
+    client = streams.connect(settings.redis_url)
+    meta = {"config": dump_run_config(config), "state": "starting", "total_steps": config.steps}
+    streams.write_meta(client, run_id, meta)
+    problems = [load_problems(task, seed=config.seed) for task in config.tasks]
+    plan = PromptPlan(config, problems, run_id, token_count=lambda text: len(tokenizer(text)["input_ids"]))
+    transport = BrokerClient(settings.broker_addr, run_id)
+    loop = TrainLoop(engine, tokenizer, client, Feeder(client, plan), transport, settings.run_dir, run_id)
+    server = ServiceServer("trainer", settings.host, settings.grpc_port or default_port("trainer"))
+    server.add_servicer(trainer_pb2_grpc.add_TrainerServicer_to_server, TrainerServicer(loop), "cadence.v1.Trainer")
+    server.start()
+    serve_metrics(settings.metrics_port)
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: loop.request_stop("signal"))
+    try:
+        loop.run()
+    except BaseException:
+        loop.status.state = "failed"
+        streams.write_meta(client, run_id, {"state": "failed"})
+        raise
+    finally:
+        server.stop(settings.grace_seconds)
+        transport.close()
+
+
+if __name__ == "__main__":  # the per-rank entry point of torchrun / the deepspeed launcher
+    from cadence.cli import main
+
+    sys.argv = ["cadence", "serve", "trainer", *sys.argv[1:]]
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    main()
