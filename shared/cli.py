@@ -26,6 +26,10 @@ serve_app = typer.Typer(help="Start one service (inference, reward, broker, trai
 seed_app = typer.Typer(help="Build seed models locally (no model hub needed).", no_args_is_help=True)
 app.add_typer(serve_app, name="serve")
 app.add_typer(seed_app, name="seed-model")
+k8s_app = typer.Typer(
+    help="Runs on Kubernetes where the Helm chart is installed (kubeconfig or in-cluster).", no_args_is_help=True
+)
+app.add_typer(k8s_app, name="k8s")
 
 Host = Annotated[str | None, typer.Option(help="Interface to bind [env CADENCE_HOST; default 0.0.0.0].")]
 GrpcPort = Annotated[int | None, typer.Option(help="gRPC port [env CADENCE_GRPC_PORT].")]
@@ -266,6 +270,72 @@ def report(run_dir: Annotated[Path, typer.Argument(help="A run folder (runs/<run
     from cadence.report import write_report
 
     typer.echo(write_report(run_dir))
+
+
+K8sNamespace = Annotated[
+    str | None, typer.Option("--namespace", "-n", help="Namespace of the release [default: the context's].")
+]
+K8sRelease = Annotated[str | None, typer.Option(help="Helm release name (needed when a namespace holds several).")]
+K8sContext = Annotated[str | None, typer.Option(help="kubeconfig context [default: the current one].")]
+
+
+@k8s_app.command("submit")
+def k8s_submit(
+    config: Annotated[Path, typer.Argument(help="Run config YAML; validated before anything is sent.")],
+    namespace: K8sNamespace = None,
+    release: K8sRelease = None,
+    context: K8sContext = None,
+    replace: Annotated[bool, typer.Option(help="Replace a running run or a run id already submitted.")] = False,
+) -> None:
+    """Store the run config in a ConfigMap and point the release's trainer and workers at it."""
+    from cadence import k8s
+    from cadence.config import load_run_config
+
+    run_config = load_run_config(config)  # config errors before any cluster call
+    clients = k8s.connect(context)
+    result = k8s.submit(clients, run_config, namespace or clients.namespace, release, replace=replace)
+    typer.echo(f"submitted run {result.run_id} to release {result.release} (configmap/{result.configmap})")
+    for name in result.patched:
+        typer.echo(f"  patched {name}")
+
+
+@k8s_app.command("status")
+def k8s_status(
+    run: str, namespace: K8sNamespace = None, release: K8sRelease = None, context: K8sContext = None
+) -> None:
+    """The run's state and the release's pods."""
+    from cadence import k8s
+
+    clients = k8s.connect(context)
+    typer.echo(k8s.status(clients, run, namespace or clients.namespace, release).render())
+
+
+@k8s_app.command("logs")
+def k8s_logs(
+    run: str,
+    service: Annotated[str, typer.Option(help="trainer, inference or reward.")] = "trainer",
+    tail: Annotated[int, typer.Option(help="Lines per pod.")] = 200,
+    follow: Annotated[bool, typer.Option("--follow", "-f", help="Stream (one pod).")] = False,
+    namespace: K8sNamespace = None,
+    release: K8sRelease = None,
+    context: K8sContext = None,
+) -> None:
+    """Logs of the service's pods working on the run."""
+    from cadence import k8s
+
+    clients = k8s.connect(context)
+    for line in k8s.logs(clients, run, namespace or clients.namespace, release, service, tail, follow):
+        typer.echo(line)
+
+
+@k8s_app.command("stop")
+def k8s_stop(run: str, namespace: K8sNamespace = None, release: K8sRelease = None, context: K8sContext = None) -> None:
+    """Scale the run's trainer to zero: it checkpoints and exits; inference and reward stay up."""
+    from cadence import k8s
+
+    clients = k8s.connect(context)
+    name = k8s.stop(clients, run, namespace or clients.namespace, release)
+    typer.echo(f"stopping run {run}: statefulset/{name} scaled to 0 (the trainer checkpoints on SIGTERM)")
 
 
 def main() -> None:

@@ -90,6 +90,29 @@ class RewardSettings(ServiceSettings):
     """File with one API key per line (`CADENCE_API_KEYS_FILE`); none and no `api_keys`: auth off."""
     api_keys: str = ""
     """Comma-separated API keys (`CADENCE_API_KEYS`)."""
+    max_body_bytes: int = 32 * 1024 * 1024
+    """Largest HTTP request body accepted; larger gets 413 (`CADENCE_MAX_BODY_BYTES`)."""
+    max_items: int = 1024
+    """Items per scoring request (`CADENCE_MAX_ITEMS`)."""
+    max_response_chars: int = 65536
+    """Characters per response, and per prompt (`CADENCE_MAX_RESPONSE_CHARS`)."""
+    max_reference_chars: int = 8192
+    """Characters per reference answer (`CADENCE_MAX_REFERENCE_CHARS`)."""
+    max_inflight_items: int = 4096
+    """Items being scored at once across all callers; beyond it HTTP answers 429 (`CADENCE_MAX_INFLIGHT_ITEMS`)."""
+    rm_device: str = "auto"
+    """Device for the reward model: `auto`, `cpu`, `cuda`, `cuda:1` (`CADENCE_RM_DEVICE`)."""
+    rm_max_batch_tokens: int = 16384
+    """Padded tokens per reward-model forward pass (`CADENCE_RM_MAX_BATCH_TOKENS`)."""
+    worker_batch: int = 16
+    """Rollouts the queue worker reads and scores at once (`CADENCE_WORKER_BATCH`)."""
+
+    @field_validator("pool_processes", "max_items", "max_inflight_items", "worker_batch", "max_body_bytes")
+    @classmethod
+    def _at_least_one(cls, value: int) -> int:
+        if value < 1:
+            raise ValueError("must be at least 1")
+        return value
 
 
 class BrokerSettings(ServiceSettings):

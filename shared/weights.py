@@ -189,6 +189,8 @@ class Assembler:
         if len(self.buffer) != manifest.total_bytes or offset % manifest.chunk_size:
             raise InvalidRequest("resume buffer must be total_bytes long and offset a chunk boundary")
         self.received = offset
+        # The whole digest grows with each chunk, so it overlaps the transfer instead of following it.
+        self._whole = hashlib.sha256(memoryview(self.buffer)[:offset])
 
     @property
     def complete(self) -> bool:
@@ -210,13 +212,14 @@ class Assembler:
                 f"expected {self.manifest.chunk_sha256[index][:16]}…, got {digest[:16]}…; corrupted, send it again"
             )
         self.buffer[offset : offset + len(data)] = data
+        self._whole.update(data)
         self.received += len(data)
 
     def finish(self) -> bytearray:
         """The verified payload; raise `IntegrityError` if incomplete or the whole digest differs."""
         if not self.complete:
             raise IntegrityError(f"payload incomplete: {self.received} of {self.manifest.total_bytes} bytes received")
-        digest = hashlib.sha256(self.buffer).hexdigest()
+        digest = self._whole.hexdigest()
         if digest != self.manifest.sha256:
             raise IntegrityError(
                 f"payload sha256 {digest[:16]}… differs from the manifest's {self.manifest.sha256[:16]}…"

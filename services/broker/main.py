@@ -22,16 +22,15 @@ MAX_STREAMS = 56
 
 def build(settings: BrokerSettings) -> tuple[ServiceServer, BrokerServicer]:
     """The server (not started) and its servicer, for `serve` and for tests."""
-    from cadence.broker.server import BrokerServicer
+    from cadence.broker.server import BrokerServicer, add_to_server
     from cadence.broker.store import open_store
     from cadence.grpc import ServiceServer
-    from cadence.v1 import broker_pb2_grpc
 
     store = open_store(settings.store, retain=settings.retain, max_bytes=settings.max_bytes)
     servicer = BrokerServicer(store, max_streams=MAX_STREAMS)
     port = settings.grpc_port or default_port("broker")
     server = ServiceServer("broker", settings.host, port, max_workers=MAX_WORKERS)
-    server.add_servicer(broker_pb2_grpc.add_BrokerServicer_to_server, servicer, "cadence.v1.Broker")
+    server.add_servicer(add_to_server, servicer, "cadence.v1.Broker")
     return server, servicer
 
 

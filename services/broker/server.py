@@ -11,13 +11,15 @@ import time
 from collections.abc import Iterator
 
 import grpc
+from google.protobuf.message import Message
 from prometheus_client import Counter, Gauge, Histogram
 
 from cadence.broker.store import WeightStore, check_run_id
 from cadence.errors import IntegrityError, InvalidRequest, NotFound, Overloaded
 from cadence.logging import get_logger
 from cadence.v1 import broker_pb2, broker_pb2_grpc, common_pb2
-from cadence.weights import Assembler, iter_chunks
+from cadence.weights import Assembler
+from cadence.weights_wire import DataChunk, decode, encode, iter_frames
 
 log = get_logger(__name__)
 
@@ -35,6 +37,9 @@ PUBLISH_FAILURES = Counter("cadence_broker_publish_failures", "Publishes refused
 FETCH_RESUMES = Counter("cadence_broker_fetch_resumes", "Fetches that resumed from a non-zero offset")
 
 
+Frame = common_pb2.WeightManifest | DataChunk | None  # what `cadence.weights_wire.decode` yields
+
+
 class BrokerServicer(broker_pb2_grpc.BrokerServicer):
     """Decode, call the store, encode."""
 
@@ -47,9 +52,7 @@ class BrokerServicer(broker_pb2_grpc.BrokerServicer):
         STAGING_BYTES.set_function(lambda: self.store.stats().staging_bytes)
         WATCHERS.set_function(lambda: self.store.stats().watchers)
 
-    def Publish(
-        self, request_iterator: Iterator[common_pb2.WeightChunk], context: grpc.ServicerContext
-    ) -> common_pb2.VersionInfo:
+    def Publish(self, request_iterator: Iterator[Frame], context: grpc.ServicerContext) -> common_pb2.VersionInfo:
         started = time.monotonic()
         try:
             info = self._publish(request_iterator)
@@ -60,24 +63,23 @@ class BrokerServicer(broker_pb2_grpc.BrokerServicer):
         PUBLISH_SECONDS.observe(time.monotonic() - started)
         return info
 
-    def _publish(self, request_iterator: Iterator[common_pb2.WeightChunk]) -> common_pb2.VersionInfo:
-        first = next(request_iterator, None)
-        if first is None or first.WhichOneof("body") != "manifest":
+    def _publish(self, request_iterator: Iterator[Frame]) -> common_pb2.VersionInfo:
+        manifest = next(request_iterator, None)
+        if not isinstance(manifest, common_pb2.WeightManifest):
             raise InvalidRequest("a Publish stream starts with the manifest, then the data chunks")
-        manifest = first.manifest
         existing = self.store.check_publish(manifest)
         if existing is not None:
             log.info("idempotent re-publish", extra={"run_id": manifest.run_id, "version": manifest.version})
             return existing
         with self.store.reserve(manifest.total_bytes):
             assembler = Assembler(manifest)
-            for message in request_iterator:
-                if message.WhichOneof("body") != "data":
+            for chunk in request_iterator:
+                if not isinstance(chunk, DataChunk):
                     raise InvalidRequest("only data chunks may follow the manifest in a Publish stream")
                 if assembler.complete:
                     raise IntegrityError(f"data beyond the manifest's {manifest.total_bytes} bytes")
-                assembler.add(message.data, message.offset)
-                BYTES_IN.inc(len(message.data))
+                assembler.add(chunk.data, chunk.offset)
+                BYTES_IN.inc(len(chunk.data))
             return self.store.put(manifest, assembler.finish())
 
     def Latest(self, request: broker_pb2.LatestRequest, context: grpc.ServicerContext) -> common_pb2.VersionInfo:
@@ -107,9 +109,14 @@ class BrokerServicer(broker_pb2_grpc.BrokerServicer):
         try:
             if request.offset:
                 FETCH_RESUMES.inc()
-            for chunk in iter_chunks(reader.manifest, reader.payload, request.offset):
-                yield chunk
-                BYTES_OUT.inc(len(chunk.data))
+            manifest = reader.manifest
+            frames = iter_frames(manifest, reader.payload, request.offset)
+            yield next(frames)  # the manifest (once the offset is checked)
+            for start, frame in zip(
+                range(request.offset, manifest.total_bytes, manifest.chunk_size), frames, strict=True
+            ):
+                yield frame
+                BYTES_OUT.inc(min(manifest.chunk_size, manifest.total_bytes - start))
             FETCH_SECONDS.observe(time.monotonic() - started)
         finally:
             ACTIVE_FETCHES.dec()
@@ -138,3 +145,32 @@ class BrokerServicer(broker_pb2_grpc.BrokerServicer):
     def close(self) -> None:
         """Drain: refuse new publishes and end every watch so the server can stop."""
         self.store.close()
+
+
+def add_to_server(servicer: BrokerServicer, server: grpc.Server) -> None:
+    """Like the generated `add_BrokerServicer_to_server`, but weight chunks use `cadence.weights_wire`'s
+    one-copy framing (same bytes on the wire, so generated stubs interoperate)."""
+    handlers = {
+        "Publish": grpc.stream_unary_rpc_method_handler(
+            servicer.Publish, request_deserializer=decode, response_serializer=_serialize
+        ),
+        "Latest": grpc.unary_unary_rpc_method_handler(
+            servicer.Latest, request_deserializer=broker_pb2.LatestRequest.FromString, response_serializer=_serialize
+        ),
+        "Watch": grpc.unary_stream_rpc_method_handler(
+            servicer.Watch, request_deserializer=broker_pb2.WatchRequest.FromString, response_serializer=_serialize
+        ),
+        "Fetch": grpc.unary_stream_rpc_method_handler(
+            servicer.Fetch, request_deserializer=broker_pb2.FetchRequest.FromString, response_serializer=encode
+        ),
+        "Status": grpc.unary_unary_rpc_method_handler(
+            servicer.Status,
+            request_deserializer=broker_pb2.BrokerStatusRequest.FromString,
+            response_serializer=_serialize,
+        ),
+    }
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler("cadence.v1.Broker", handlers),))
+
+
+def _serialize(message: Message) -> bytes:
+    return message.SerializeToString()

@@ -75,21 +75,10 @@ class Reader:
     """A held reference to one version; `close()` (or leaving the `with`) lets eviction reclaim it."""
 
     def __init__(self, store: WeightStore, slot: _Slot) -> None:
-        self._store = store
-        self._slot = slot
-        self._closed = False
-
-    @property
-    def info(self) -> VersionInfo:
-        return self._slot.info
-
-    @property
-    def manifest(self) -> WeightManifest:
-        return self._slot.manifest
-
-    @property
-    def payload(self) -> Payload:
-        return self._slot.payload
+        self._store, self._slot, self._closed = store, slot, False
+        self.info: VersionInfo = slot.info
+        self.manifest: WeightManifest = slot.manifest
+        self.payload: Payload = slot.payload
 
     def close(self) -> None:
         """Release the reference (idempotent)."""
@@ -222,6 +211,8 @@ class WeightStore(ABC):
         that falls so far behind that a version was evicted simply skips it.
         """
         with self._cond:
+            if self._closed:
+                raise NotReady("the broker is shutting down; watch its replacement")
             self._watchers += 1
         try:
             last, first = after, True
@@ -354,6 +345,13 @@ class DirectoryStore(WeightStore):
             _write_synced(tmp / "info.json", json.dumps({"published_unix": info.published_unix}).encode())
             os.rename(tmp, final)
             _fsync_dir(run_dir)
+        except OSError as error:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise Overloaded(
+                f"cannot write version {info.version} under {run_dir}: {error}; free space on the volume or "
+                f"lower --retain",
+                retry_after=5.0,
+            ) from error
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise

@@ -50,11 +50,15 @@ class SamplingParams:
 
     @classmethod
     def from_pb(cls, pb: common_pb2.SamplingParams) -> SamplingParams:
-        """Proto defaults (0) mean: n 1, top_p 1.0, top_k off, unseeded; max_tokens 0 means 64."""
+        """Proto defaults (0) mean: n 1, top_p 1.0, top_k off, unseeded; max_tokens 0 means 64.
+
+        Floats are proto float32: rounding to 6 digits gives back the value the sender wrote (0.6, not
+        0.6000000238).
+        """
         return cls(
             n=pb.n or 1,
-            temperature=pb.temperature,
-            top_p=pb.top_p or 1.0,
+            temperature=round(pb.temperature, 6),
+            top_p=round(pb.top_p, 6) or 1.0,
             top_k=0 if pb.top_k in (0, -1) else pb.top_k,
             max_tokens=pb.max_tokens or 64,
             seed=pb.seed or None,
@@ -228,12 +232,17 @@ class Engine(ABC):
     def load_weights(self, tensors: Iterable[tuple[str, torch.Tensor]], version: int) -> None:
         """Replace the weights in place with `tensors` (HF checkpoint names) and tag them `version`.
 
-        A load that fails midway leaves unknown weights: the version becomes -1 and `generate` refuses
-        until a later load succeeds.
+        Names and shapes are checked before the model is touched (`InvalidRequest`, version unchanged). Any
+        other failure may leave unknown weights: the version becomes -1 and `generate` refuses until a
+        later load succeeds.
         """
         with self._lock.write():
-            self._version = -1
-            self._load(tensors)
+            previous, self._version = self._version, -1
+            try:
+                self._load(tensors)
+            except InvalidRequest:
+                self._version = previous
+                raise
             self._version = version
 
     def close(self) -> None:  # noqa: B027 - engines without processes have nothing to release
@@ -339,18 +348,18 @@ class HFEngine(Engine):
 
     def _load(self, tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
         state = self.model.state_dict()
-        loaded: set[str] = set()
-        for name, tensor in tensors:
+        given = list(tensors)
+        if not given:
+            raise InvalidRequest("no weights given: a weight update needs at least one tensor")
+        for name, tensor in given:
             if name not in state:
                 raise InvalidRequest(f"weight {name!r} is not a parameter of {self.model_path}; wrong model?")
             if tuple(state[name].shape) != tuple(tensor.shape):
                 raise InvalidRequest(
                     f"weight {name!r} has shape {tuple(tensor.shape)}, the model expects {tuple(state[name].shape)}"
                 )
+        for name, tensor in given:
             state[name].copy_(tensor)
-            loaded.add(name)
-        if not loaded:
-            raise InvalidRequest("no weights given: a weight update needs at least one tensor")
 
 
 def _stop_strings_criterion(tokenizer: Any, stops: tuple[str, ...], prompt_width: int) -> Any:

@@ -105,3 +105,4 @@ class _WorkerThread:
         """Let the worker finish the batch in hand (up to `grace` seconds)."""
         self._stop.set()
         self._thread.join(grace)
+        self.worker.close()

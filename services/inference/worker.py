@@ -54,23 +54,31 @@ class VersionWatcher:
         self.weights = weights
         self._newest: common_pb2.VersionInfo | None = None
         self._cond = threading.Condition()
+        self._closed = threading.Event()
         self._thread = threading.Thread(target=self._follow, name="broker-watch", daemon=True)
         self._thread.start()
 
     def _follow(self) -> None:
         failures = 0
-        while True:
+        while not self._closed.is_set():
             try:
                 for info in self.weights.watch(self._newest.version if self._newest else -1):
                     failures = 0
                     with self._cond:
                         self._newest = info
                         self._cond.notify_all()
-            except CadenceError as error:  # the client already retried transient failures
+            except Exception as error:  # this thread must outlive any failure; the client retried already
+                if self._closed.is_set():
+                    return
                 failures += 1
                 delay = min(MAX_BACKOFF_SECONDS, 0.5 * 2**failures)
                 log.warning("broker watch failed (%s); retrying in %.1fs", error, delay)
-                time.sleep(delay)
+                self._closed.wait(delay)
+
+    def close(self) -> None:
+        """Stop following (closing the transport ends the blocked watch call)."""
+        self._closed.set()
+        self.weights.close()
 
     def wait_for(self, version: int, stop: threading.Event) -> common_pb2.VersionInfo | None:
         """The newest version once it is ≥ `version`; None if `stop` is set first."""
@@ -116,6 +124,10 @@ class RolloutWorker:
         self._held: list[Entry[common_pb2.Prompt]] = []
         self._pending = 0
         LOADED_VERSION.set(engine.version)
+
+    def close(self) -> None:
+        """Stop watching the broker and release its connection."""
+        self.watcher.close()
 
     def pending_prompts(self) -> int:
         """Prompts not yet acknowledged by the group (undelivered + in progress); the last known count

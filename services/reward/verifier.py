@@ -250,6 +250,9 @@ class MathVerifier:
                 break
             if not task.future.set_running_or_notify_cancel():
                 continue
+            if not worker.process.is_alive():
+                log.error("math-verify worker %d died while idle; replacing it", slot)
+                worker = self._replace(worker, slot)
             try:
                 verdict = worker.run(task.answer, task.reference, self.item_timeout)
                 if verdict is None:
@@ -266,6 +269,16 @@ class MathVerifier:
             task.future.set_result(TIMEOUT if verdict is None else verdict)
         if worker is not None:
             worker.kill()
+
+    def _replace(self, worker: _Worker, slot: int) -> _Worker:
+        """A fresh worker for `slot`, retrying until one starts."""
+        worker.kill()
+        with self._lock:
+            self.restarts += 1
+        fresh = None
+        while fresh is None:
+            fresh = self._start_worker(slot)
+        return fresh
 
     def _start_worker(self, slot: int) -> _Worker | None:
         try:

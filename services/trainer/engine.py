@@ -50,10 +50,11 @@ def ensure_dist_env() -> int:
     return int(os.environ["WORLD_SIZE"])
 
 
-def _skip_shm_op_when_alone(world_size: int) -> None:
-    """DeepSpeed's CPU backend JIT-compiles a shared-memory all-reduce op (~75 s) at start-up; one process
-    never all-reduces across processes, so mark the op unavailable and skip the build."""
-    if deepspeed is not None and world_size == 1 and not torch.cuda.is_available():
+def _skip_shm_op() -> None:
+    """DeepSpeed's CPU backend JIT-compiles a shared-memory all-reduce op (~75 s) when it starts, but uses
+    it only in `inference_all_reduce` (tensor-parallel inference); training all-reduces through
+    torch.distributed (gloo). Marking the op unavailable skips the build, for one process or many."""
+    if deepspeed is not None and not torch.cuda.is_available():
         from deepspeed import ops
 
         ops.__compatible_ops__["deepspeed_shm_comm"] = False
@@ -183,7 +184,7 @@ class TrainEngine:
             self.module = model.to(self.device, torch.bfloat16 if bf16 else torch.float32)
             self.engine, self.optimizer, self.scheduler = self.module, optimizer, scheduler
             return
-        _skip_shm_op_when_alone(self.world_size)
+        _skip_shm_op()
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
             model=model, optimizer=optimizer, lr_scheduler=scheduler, config=deepspeed_config(self.config, bf16)
         )

@@ -19,11 +19,12 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import grpc
 
-from cadence import errors
+from cadence import errors, weights_wire
 from cadence.grpc import channel
 from cadence.logging import get_logger
 from cadence.v1 import broker_pb2, broker_pb2_grpc, common_pb2
-from cadence.weights import Assembler, Packed, iter_chunks, iter_tensors, pack
+from cadence.weights import Assembler, Packed, iter_tensors, pack
+from cadence.weights_wire import iter_frames
 
 if TYPE_CHECKING:
     import torch
@@ -103,6 +104,17 @@ class BrokerClient(WeightTransport):
         self.max_backoff = max_backoff
         self._channel = channel(target)
         self._stub = broker_pb2_grpc.BrokerStub(self._channel)
+        # Weight chunks skip protobuf's extra copies (`cadence.weights_wire`); the bytes are the same.
+        self._publish = self._channel.stream_unary(
+            "/cadence.v1.Broker/Publish",
+            request_serializer=weights_wire.encode,
+            response_deserializer=common_pb2.VersionInfo.FromString,
+        )
+        self._fetch = self._channel.unary_stream(
+            "/cadence.v1.Broker/Fetch",
+            request_serializer=broker_pb2.FetchRequest.SerializeToString,
+            response_deserializer=weights_wire.decode,
+        )
 
     def publish(self, state_dict: Mapping[str, torch.Tensor], version: int) -> VersionInfo:
         return self.publish_packed(pack(state_dict, run_id=self.run_id, version=version))
@@ -111,7 +123,7 @@ class BrokerClient(WeightTransport):
         """Upload an already packed version (a retry re-sends it whole: the broker keeps no partial upload)."""
         return self._call(
             "Publish",
-            lambda: self._stub.Publish(iter_chunks(packed.manifest, packed.payload), timeout=self.stream_timeout),
+            lambda: self._publish(iter_frames(packed.manifest, packed.payload), timeout=self.stream_timeout),
         )
 
     def latest(self) -> VersionInfo | None:
@@ -139,11 +151,11 @@ class BrokerClient(WeightTransport):
             except grpc.RpcError as error:
                 if error.code() not in _RETRYABLE:
                     raise self._error("Watch", error) from None
-                failures += 1
                 log.warning("watch interrupted; reconnecting", extra={"target": self.target, "code": error.code().name})
             finally:
                 call.cancel()
-            # A clean end means the broker is draining: reconnect (to its replacement) after a pause.
+            # Ended (a clean end means the broker is draining) or failed: reconnect, backing off while it lasts.
+            failures += 1
             time.sleep(self._delay(failures))
 
     def fetch_tensors(self, version: int) -> Iterator[tuple[str, torch.Tensor]]:
@@ -152,7 +164,7 @@ class BrokerClient(WeightTransport):
         while True:
             offset = state.assembler.received if state.assembler is not None else 0
             request = broker_pb2.FetchRequest(run_id=self.run_id, version=version, offset=offset)
-            call = self._stub.Fetch(request, timeout=self.stream_timeout)
+            call = self._fetch(request, timeout=self.stream_timeout)
             try:
                 for message in call:
                     failures = 0
@@ -182,13 +194,15 @@ class BrokerClient(WeightTransport):
 
     # -- helpers ------------------------------------------------------------------------------------------
 
-    def _receive(self, state: _Fetch, message: common_pb2.WeightChunk) -> Iterator[tuple[str, torch.Tensor]]:
+    def _receive(
+        self, state: _Fetch, message: common_pb2.WeightManifest | weights_wire.DataChunk | None
+    ) -> Iterator[tuple[str, torch.Tensor]]:
         """Take one message; yield the tensors it completes."""
-        if message.WhichOneof("body") == "manifest":
-            self._check_manifest(state, message.manifest)
+        if isinstance(message, common_pb2.WeightManifest):
+            self._check_manifest(state, message)
             return
-        if state.assembler is None:
-            raise errors.IntegrityError("the broker sent data before the manifest")
+        if state.assembler is None or message is None:
+            raise errors.IntegrityError("the broker sent something other than the manifest and then data chunks")
         state.assembler.add(message.data, message.offset)
         if state.assembler.complete:
             state.assembler.finish()

@@ -29,11 +29,13 @@ if TYPE_CHECKING:
 
 BATCH = 64
 LR = 1e-3
-MAX_STEPS = 600
-BUDGET_SECONDS = 100.0
+MAX_STEPS = 400
 CHECK_EVERY = 50
 TARGET = 0.95
 NEGATIVES = ("wrong", "unboxed", "rambling")
+TRAIN_MIX = (0.6, 0.2, 0.2)
+"""Share of each negative kind in training batches: the format negatives are learnt in a few steps,
+the wrong sums are what takes practice."""
 _FILLER = ("it", "is", "what", "that", "this", "the", "so", "as", "a", "bad", "idea", "hide", "to", "do")
 
 
@@ -51,20 +53,23 @@ def rejected_answer(problem: Problem, kind: str, rng: random.Random) -> str:
         return toy_target(wrong)
     if kind == "unboxed":
         return rng.choice([f" {answer}", f" it is {answer}", f" \\boxed{{{answer}", f" {answer}."])
-    filler = " ".join(rng.choice(_FILLER) for _ in range(rng.randint(3, 6)))
+    filler = " ".join(rng.choice(_FILLER) for _ in range(rng.randint(2, 4)))
     return f" {filler}, so{toy_target(answer)}" if rng.random() < 0.5 else f"{toy_target(answer)} {filler}"
 
 
-def preference_pairs(problems: list[Problem], rng: random.Random) -> list[tuple[Problem, str, str, str]]:
-    """One (problem, chosen, rejected, negative kind) per problem, kinds drawn uniformly."""
+def preference_pairs(
+    problems: list[Problem], rng: random.Random, mix: tuple[float, ...] = (1.0, 1.0, 1.0)
+) -> list[tuple[Problem, str, str, str]]:
+    """One (problem, chosen, rejected, negative kind) per problem, kinds drawn with weights `mix`."""
     pairs = []
     for problem in problems:
-        kind = rng.choice(NEGATIVES)
+        kind = rng.choices(NEGATIVES, weights=mix)[0]
         pairs.append((problem, toy_target(problem.reference or ""), rejected_answer(problem, kind, rng), kind))
     return pairs
 
 
-def _encode(tokenizer: Any, problems: list[Problem], responses: list[str]) -> dict[str, torch.Tensor]:
+def rm_inputs(tokenizer: Any, problems: list[Problem], responses: list[str]) -> dict[str, torch.Tensor]:
+    """Left-padded model inputs: the chat template of (prompt, response), as the reward service renders it."""
     texts = [
         tokenizer.apply_chat_template(
             [{"role": "user", "content": p.text}, {"role": "assistant", "content": r}], tokenize=False
@@ -76,7 +81,7 @@ def _encode(tokenizer: Any, problems: list[Problem], responses: list[str]) -> di
 
 
 def _scores(model: Any, tokenizer: Any, problems: list[Problem], responses: list[str]) -> torch.Tensor:
-    return model(**_encode(tokenizer, problems, responses)).logits[:, 0]
+    return model(**rm_inputs(tokenizer, problems, responses)).logits[:, 0]
 
 
 def pairwise_accuracy(model: Any, tokenizer: Any, pairs: list[tuple[Problem, str, str, str]]) -> dict[str, float]:
@@ -126,16 +131,17 @@ def _build(out_dir: Path, seed: int) -> None:
 
 
 def _train(model: Any, tokenizer: Any, train: list[Problem], heldout: list, rng: random.Random) -> tuple[int, dict]:
-    """Bradley-Terry steps until held-out accuracy reaches TARGET, MAX_STEPS or the time budget."""
+    """Bradley-Terry steps until held-out accuracy reaches TARGET or MAX_STEPS (a step count, not a
+    time budget, so the result is deterministic)."""
     import torch
 
     optimizer = torch.optim.AdamW(model.parameters(), lr=LR, betas=(0.9, 0.98))
-    started, accuracy = time.monotonic(), {"all": 0.0}
+    accuracy: dict[str, float] = {}
     with progress() as bar:
         task = bar.add_task("train tiny-rm", total=MAX_STEPS, status="")
         for step in range(1, MAX_STEPS + 1):
             model.train()
-            pairs = preference_pairs(rng.sample(train, BATCH), rng)
+            pairs = preference_pairs(rng.sample(train, BATCH), rng, TRAIN_MIX)
             problems = [pair[0] for pair in pairs]
             margin = _scores(model, tokenizer, problems + problems, [p[1] for p in pairs] + [p[2] for p in pairs])
             loss = -torch.nn.functional.logsigmoid(margin[:BATCH] - margin[BATCH:]).mean()
@@ -143,11 +149,11 @@ def _train(model: Any, tokenizer: Any, train: list[Problem], heldout: list, rng:
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             optimizer.step()
-            done = step == MAX_STEPS or time.monotonic() - started > BUDGET_SECONDS
-            if step % CHECK_EVERY == 0 or done:
+            if step % CHECK_EVERY == 0:
                 model.eval()
                 accuracy = pairwise_accuracy(model, tokenizer, heldout)
                 bar.update(task, completed=step, status=f"held-out pairwise {accuracy['all']:.0%}")
-                if accuracy["all"] >= TARGET or done:
+                bar.console.log(f"step {step}: held-out pairwise {accuracy}")
+                if accuracy["all"] >= TARGET:
                     return step, accuracy
     return MAX_STEPS, accuracy

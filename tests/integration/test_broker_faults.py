@@ -143,7 +143,7 @@ def test_fetch_resumes_after_the_connection_drops(broker: BrokerProcess) -> None
     assert proxy.cuts >= 2  # the cut connection and the one the fetch resumed on
     assert broker.metric("cadence_broker_fetch_resumes_total") == 1
     sent = broker.metric("cadence_broker_bytes_out_total")
-    assert info.total_bytes < sent < 1.6 * info.total_bytes  # resumed from a chunk, not from scratch
+    assert info.total_bytes <= sent < 1.6 * info.total_bytes  # resumed from a chunk, not from scratch
 
 
 def test_publisher_cut_midway_leaves_nothing_visible(broker: BrokerProcess) -> None:

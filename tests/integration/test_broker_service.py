@@ -148,7 +148,8 @@ def test_watch_late_watcher_gets_latest_then_versions_in_order(broker: Broker) -
         client.publish(small, version=5)
         assert [next(watch).version, next(watch).version] == [4, 5]
         watch.close()
-        raw = broker.stub.Watch(broker_pb2.WatchRequest(run_id=RUN, after_version=5))
+        raw = broker.stub.Watch(broker_pb2.WatchRequest(run_id=RUN, after_version=4))
+        assert next(raw).version == 5  # the watch is open on the server
         ended = threading.Event()
         threading.Thread(target=lambda: (list(raw), ended.set()), daemon=True).start()
         broker.servicer.close()  # what SIGTERM does: watchers end cleanly

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from cadence.broker.store import DirectoryStore, MemoryStore, WeightStore, open_store
-from cadence.errors import ConfigError, Conflict, InvalidRequest, Overloaded, TooLarge, VersionNotFound
+from cadence.errors import ConfigError, Conflict, InvalidRequest, NotReady, Overloaded, TooLarge, VersionNotFound
 from cadence.weights import Packed, pack
 
 torch.set_num_threads(1)
@@ -147,6 +147,8 @@ def test_watch_gives_latest_first_then_each_new_version_in_order() -> None:
     store.close()  # the server's drain ends every watch
     watcher.join(5)
     assert not watcher.is_alive() and store.stats().watchers == 0
+    with pytest.raises(NotReady, match="shutting down"):
+        next(store.watch("run-a", -1, stop.is_set))
 
 
 def test_directory_store_reloads_and_drops_partial_or_corrupt_versions(tmp_path: Path) -> None:

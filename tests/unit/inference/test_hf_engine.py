@@ -5,13 +5,15 @@ from __future__ import annotations
 
 import math
 import threading
+import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from cadence.errors import ConfigError, InvalidRequest, NotReady, TooLarge
+from cadence.errors import ConfigError, IntegrityError, InvalidRequest, NotReady, TooLarge
 from cadence.inference.engine import HFEngine, SamplingParams, create_engine, prompt_input
 from cadence.v1 import common_pb2
 
@@ -80,7 +82,9 @@ def test_seeded_sampling_is_reproducible(engine: HFEngine) -> None:
 
 def test_chat_messages_go_through_the_chat_template(engine: HFEngine) -> None:
     messages = [{"role": "user", "content": PROMPTS[0]}]
-    expected = engine.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True)
+    expected = engine.tokenizer.apply_chat_template(
+        messages, add_generation_prompt=True, tokenize=True, return_dict=True
+    )
     assert engine.encode(messages) == list(expected["input_ids"])
     # The toy template renders a lone user turn as its text, so both forms must give the same answer.
     by_text = engine.generate([PROMPTS[0]], GREEDY).completions[0].samples[0]
@@ -149,8 +153,20 @@ def test_bad_weights_are_refused_and_a_half_done_load_blocks_generation(
     tiny_model_dir: Path, seed_weights: dict[str, torch.Tensor]
 ) -> None:
     engine = HFEngine(tiny_model_dir)
+    before = engine.generate(PROMPTS, GREEDY)
     with pytest.raises(InvalidRequest, match="not a parameter"):
         engine.load_weights([("model.nonexistent", torch.zeros(1))], version=1)
+    with pytest.raises(InvalidRequest, match="shape"):
+        engine.load_weights([("model.norm.weight", torch.zeros(3))], version=1)
+    assert engine.version == 0  # refused before the model was touched
+    assert engine.generate(PROMPTS, GREEDY).completions == before.completions
+
+    def broken_fetch() -> Iterator[tuple[str, torch.Tensor]]:
+        yield next(iter(seed_weights.items()))
+        raise IntegrityError("chunk 3 failed its sha256 check")
+
+    with pytest.raises(IntegrityError):
+        engine.load_weights(broken_fetch(), version=1)
     assert engine.version == -1
     with pytest.raises(NotReady, match="sync"):
         engine.generate(PROMPTS[:1], GREEDY)
@@ -181,6 +197,10 @@ def test_every_generation_is_tagged_with_the_version_that_produced_it(
         thread.start()
     for version in range(2, 12):
         engine.load_weights(variants[version % 2].items(), version=version)
+        seen = len(results)
+        deadline = time.monotonic() + 10
+        while len(results) < seen + 2 and time.monotonic() < deadline:  # let generations run between loads
+            time.sleep(0.001)
     done.set()
     for thread in threads:
         thread.join()

@@ -9,13 +9,17 @@ from __future__ import annotations
 import math
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
 from cadence.errors import InvalidRequest
-from cadence.inference.engine import HFEngine, SamplingParams
+from cadence.inference.engine import Generation, HFEngine, SamplingParams
+
+if TYPE_CHECKING:
+    from cadence.inference.vllm_engine import VllmEngine
 
 pytestmark = pytest.mark.vllm
 torch.set_num_threads(1)
@@ -24,7 +28,7 @@ GREEDY = SamplingParams(temperature=0.0, max_tokens=14)
 
 
 @pytest.fixture(scope="module")
-def engine(tiny_model_dir: Path) -> Iterator:
+def engine(tiny_model_dir: Path) -> Iterator[VllmEngine]:
     from cadence.inference.vllm_engine import VllmEngine
 
     engine = VllmEngine(tiny_model_dir, dtype="float32")
@@ -37,11 +41,11 @@ def hf(tiny_model_dir: Path) -> HFEngine:
     return HFEngine(tiny_model_dir)
 
 
-def tokens(generation) -> list[list[int]]:  # noqa: ANN001
+def tokens(generation: Generation) -> list[list[int]]:
     return [c.samples[0].token_ids for c in generation.completions]
 
 
-def test_shapes_n_samples_and_finite_logprobs(engine) -> None:  # noqa: ANN001
+def test_shapes_n_samples_and_finite_logprobs(engine: VllmEngine) -> None:
     generation = engine.generate(PROMPTS, SamplingParams(n=4, temperature=1.0, top_p=0.95, max_tokens=10, seed=5))
     assert generation.policy_version == 0 and len(generation.completions) == len(PROMPTS)
     for prompt, completion in zip(PROMPTS, generation.completions, strict=True):
@@ -53,7 +57,7 @@ def test_shapes_n_samples_and_finite_logprobs(engine) -> None:  # noqa: ANN001
             assert sample.finish_reason in ("stop", "length")
 
 
-def test_greedy_matches_the_hf_engine_tokens_and_raw_logprobs(engine, hf: HFEngine) -> None:  # noqa: ANN001
+def test_greedy_matches_the_hf_engine_tokens_and_raw_logprobs(engine: VllmEngine, hf: HFEngine) -> None:
     ours, reference = engine.generate(PROMPTS, GREEDY), hf.generate(PROMPTS, GREEDY)
     assert tokens(ours) == tokens(reference)
     for a, b in zip(ours.completions, reference.completions, strict=True):
@@ -61,7 +65,7 @@ def test_greedy_matches_the_hf_engine_tokens_and_raw_logprobs(engine, hf: HFEngi
         assert torch.allclose(torch.tensor(a.samples[0].logprobs), torch.tensor(b.samples[0].logprobs), atol=1e-3)
 
 
-def test_greedy_is_deterministic_and_seeded_sampling_reproducible(engine) -> None:  # noqa: ANN001
+def test_greedy_is_deterministic_and_seeded_sampling_reproducible(engine: VllmEngine) -> None:
     greedy = engine.generate(PROMPTS, SamplingParams(n=3, temperature=0.0, max_tokens=14))
     assert all(len({tuple(s.token_ids) for s in c.samples}) == 1 for c in greedy.completions)
     assert tokens(greedy) == tokens(engine.generate(PROMPTS, GREEDY))
@@ -71,7 +75,7 @@ def test_greedy_is_deterministic_and_seeded_sampling_reproducible(engine) -> Non
     assert run(sampled) != run(SamplingParams(n=4, temperature=1.5, max_tokens=12, seed=12))
 
 
-def test_chat_messages_and_stop_strings(engine) -> None:  # noqa: ANN001
+def test_chat_messages_and_stop_strings(engine: VllmEngine) -> None:
     messages = [{"role": "user", "content": PROMPTS[0]}]
     by_chat = engine.generate([messages], GREEDY).completions[0]
     by_text = engine.generate([PROMPTS[0]], GREEDY).completions[0]
@@ -83,7 +87,7 @@ def test_chat_messages_and_stop_strings(engine) -> None:  # noqa: ANN001
     assert sample.text == by_text.samples[0].text.split("{")[0]
 
 
-def test_weight_update_through_the_worker_extension(engine, tiny_model_dir: Path) -> None:  # noqa: ANN001
+def test_weight_update_through_the_worker_extension(engine: VllmEngine, tiny_model_dir: Path) -> None:
     seed = load_file(str(tiny_model_dir / "model.safetensors"))
     gen = torch.Generator().manual_seed(1)
     other = {name: t + 0.05 * torch.randn(t.shape, generator=gen) for name, t in seed.items()}
@@ -103,11 +107,12 @@ def test_weight_update_through_the_worker_extension(engine, tiny_model_dir: Path
     assert tokens(changed) == tokens(reference.generate(PROMPTS, GREEDY))
 
 
-def test_unknown_or_misshapen_weights_are_refused_before_touching_the_model(engine) -> None:  # noqa: ANN001
-    version = engine.version
+def test_unknown_or_misshapen_weights_are_refused_before_touching_the_model(engine: VllmEngine) -> None:
+    version, before = engine.version, engine.generate(PROMPTS, GREEDY)
     with pytest.raises(InvalidRequest, match="not in the checkpoint"):
         engine.load_weights([("model.nonexistent", torch.zeros(1))], version=9)
-    assert engine.version == -1
     with pytest.raises(InvalidRequest, match="shape"):
         engine.load_weights([("model.norm.weight", torch.zeros(3))], version=9)
-    assert version >= 0
+    after = engine.generate(PROMPTS, GREEDY)
+    assert engine.version == version == after.policy_version
+    assert tokens(after) == tokens(before)

@@ -1,0 +1,347 @@
+"""The Helm chart: real Helm rendering and lint, Kubernetes schemas 1.29–1.32, checkov, and what must hold in
+every rendered object (hardening, probes, resources, GPUs, labels, network paths)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import re
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import helm_python
+import kubernetes_validate
+import pytest
+import yaml
+
+from cadence.config import parse_run_config
+
+REPO = Path(__file__).resolve().parents[2]
+CHART = REPO / "charts" / "cadence"
+SCENARIOS = sorted(path.name.removesuffix("-values.yaml") for path in (CHART / "ci").glob("*-values.yaml"))
+KUBE_VERSIONS = ["1.29", "1.30", "1.31", "1.32"]
+CRD_KINDS = {"ScaledObject", "ServiceMonitor"}  # not in kubernetes-validate's schemas: checked below
+CHECKOV = REPO / ".venv-tools" / "bin" / "checkov"
+GRPC_PORTS = {"inference": 50051, "broker": 50053, "trainer": 50054}
+LABELS = (
+    "app.kubernetes.io/name",
+    "app.kubernetes.io/instance",
+    "app.kubernetes.io/component",
+    "app.kubernetes.io/version",
+    "app.kubernetes.io/managed-by",
+    "app.kubernetes.io/part-of",
+    "helm.sh/chart",
+)
+
+
+def workloads(docs: list[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+    yield from (doc for doc in docs if doc["kind"] in ("Deployment", "StatefulSet"))
+
+
+def find(docs: list[dict[str, Any]], kind: str, name: str) -> dict[str, Any]:
+    matches = [doc for doc in docs if doc["kind"] == kind and doc["metadata"]["name"] == name]
+    assert matches, f"no {kind} {name} rendered"
+    return matches[0]
+
+
+def container(workload: dict[str, Any], name: str) -> dict[str, Any]:
+    return next(c for c in workload["spec"]["template"]["spec"]["containers"] if c["name"] == name)
+
+
+def env(c: dict[str, Any]) -> dict[str, Any]:
+    return {e["name"]: e.get("value", e.get("valueFrom")) for e in c.get("env", [])}
+
+
+def test_every_scenario_is_covered() -> None:
+    assert SCENARIOS == ["cpu-tiny", "external-redis", "gpu-multi-node-trainer", "gpu-single-node", "keda"]
+
+
+def test_values_schema_and_readme_table_are_in_sync() -> None:
+    """values.schema.json and the README's values table are generated from values.yaml's `# --` comments."""
+    spec = importlib.util.spec_from_file_location("values_schema", CHART / "scripts" / "values_schema.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses resolve their module while the class is built
+    spec.loader.exec_module(module)
+    for path, text in module.outputs(CHART).items():
+        assert path.read_text() == text, f"{path.name} is stale: run `make chart-docs`"
+    # The generator refuses an undocumented key, so a stale or partial schema cannot slip through.
+    values = yaml.safe_load((CHART / "values.yaml").read_text())
+    docs = module.parse_docs((CHART / "values.yaml").read_text())
+    docs.pop(("inference", "gpus"))
+    with pytest.raises(ValueError, match=r"`inference.gpus` has no `# --` comment"):
+        module.build_schema(values, docs)
+
+
+@pytest.mark.parametrize("kube", KUBE_VERSIONS)
+def test_helm_lint_strict(kube: str) -> None:
+    for name in [None, *SCENARIOS]:
+        values = yaml.safe_load((CHART / "ci" / f"{name}-values.yaml").read_text()) if name else None
+        report = helm_python.lint(str(CHART), values, strict=True, namespace="cadence", kube_version=f"v{kube}.0")
+        problems = [m for m in report["messages"] if m["severity"] >= 2]
+        assert report["errors"] == [] and problems == [], (name, report)
+
+
+@pytest.mark.parametrize("kube", KUBE_VERSIONS)
+def test_manifests_validate_strictly(rendered: dict[str, list[dict]], kube: str) -> None:
+    for name, docs in rendered.items():
+        for doc in docs:
+            if doc["kind"] in CRD_KINDS:
+                continue
+            try:
+                kubernetes_validate.validate(doc, kube, strict=True)
+            except kubernetes_validate.ValidationError as error:
+                pytest.fail(f"{name}: {doc['kind']} {doc['metadata']['name']} invalid for {kube}: {error}")
+
+
+def _readme_skips() -> dict[str, str]:
+    text = (CHART / "README.md").read_text()
+    return dict(re.findall(r"^\| `(CKV\w+)` \| (.+?) \|$", text, flags=re.M))
+
+
+def test_checkov_finds_nothing_but_documented_skips(rendered_dir: Path) -> None:
+    assert CHECKOV.exists(), "checkov lives in .venv-tools: run `make chart-tools` (make test does it first)"
+    done = subprocess.run(
+        [str(CHECKOV), "-d", str(rendered_dir), "--framework", "kubernetes", "-o", "json", "--skip-download"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    report = json.loads(done.stdout)
+    results = report["results"]
+    failed = [(f["check_id"], f["resource"], f["file_path"]) for f in results["failed_checks"]]
+    assert failed == [], failed
+    assert report["summary"]["passed"] > 1000 and report["summary"]["parsing_errors"] == 0
+    skipped = {s["check_id"]: s["check_result"].get("suppress_comment", "") for s in results["skipped_checks"]}
+    documented = _readme_skips()
+    for check, why in skipped.items():
+        assert len(why) > 20, f"{check} is skipped without a justification"
+        assert check in documented, f"{check} is skipped in the chart but not listed in README.md"
+
+
+def _pod_specs(docs: list[dict]) -> Iterator[tuple[str, dict]]:
+    for doc in workloads(docs):
+        yield doc["metadata"]["name"], doc["spec"]["template"]["spec"]
+
+
+@pytest.mark.parametrize("name", [*SCENARIOS, "default"])
+def test_every_container_is_hardened_sized_and_probed(rendered: dict[str, list[dict]], name: str) -> None:
+    for workload, spec in _pod_specs(rendered[name]):
+        assert spec["automountServiceAccountToken"] is False, workload
+        pod_sc = spec["securityContext"]
+        assert pod_sc["runAsNonRoot"] is True and pod_sc["seccompProfile"] == {"type": "RuntimeDefault"}, workload
+        for c in [*spec.get("initContainers", []), *spec["containers"]]:
+            sc = c["securityContext"]
+            assert sc["readOnlyRootFilesystem"] is True and sc["allowPrivilegeEscalation"] is False, (workload, c)
+            assert sc["capabilities"] == {"drop": ["ALL"]} and sc["runAsNonRoot"] is True, (workload, c)
+            assert sc["runAsUser"] >= 10000 and sc["seccompProfile"] == {"type": "RuntimeDefault"}
+            for kind in ("requests", "limits"):
+                assert {"cpu", "memory"} <= set(c["resources"][kind]), (workload, c["name"], kind)
+        for c in spec["containers"]:
+            assert {"startupProbe", "livenessProbe", "readinessProbe"} <= set(c), (workload, c["name"])
+            mounts = {m["mountPath"] for m in c["volumeMounts"]}
+            assert "/tmp" in mounts, f"{workload}: read-only root needs a writable /tmp"
+            if c["name"] in GRPC_PORTS:  # native gRPC probes on the grpc.health.v1 service
+                for probe in ("startupProbe", "livenessProbe", "readinessProbe"):
+                    assert c[probe]["grpc"] == {"port": GRPC_PORTS[c["name"]]}, (workload, probe)
+            if c["name"] == "reward":
+                assert c["readinessProbe"]["httpGet"]["path"] == "/readyz"
+
+
+def _gpus(workload: dict, name: str, resource: str = "nvidia.com/gpu") -> tuple[Any, Any]:
+    resources = container(workload, name)["resources"]
+    return resources["requests"].get(resource), resources["limits"].get(resource)
+
+
+def test_gpu_scenarios_request_gpus(rendered: dict[str, list[dict]]) -> None:
+    single = rendered["gpu-single-node"]
+    assert _gpus(find(single, "Deployment", "rel-cadence-inference"), "inference") == (1, 1)
+    assert _gpus(find(single, "StatefulSet", "rel-cadence-trainer"), "trainer") == (1, 1)
+    assert (
+        find(single, "Deployment", "rel-cadence-inference")["spec"]["template"]["spec"]["runtimeClassName"] == "nvidia"
+    )
+
+    multi = rendered["gpu-multi-node-trainer"]
+    inference = find(multi, "Deployment", "rel-cadence-inference")
+    assert _gpus(inference, "inference") == (2, 2)
+    assert env(container(inference, "inference"))["CADENCE_TENSOR_PARALLEL_SIZE"] == "2"
+    assert _gpus(find(multi, "Deployment", "rel-cadence-reward"), "reward") == (1, 1)
+    trainer = find(multi, "StatefulSet", "rel-cadence-trainer")
+    assert _gpus(trainer, "trainer") == (8, 8) and trainer["spec"]["replicas"] == 2
+    assert trainer["spec"]["podManagementPolicy"] == "Parallel"
+    main = container(trainer, "trainer")
+    assert main["command"] == ["torchrun"] and "--nnodes=$(CADENCE_NNODES)" in main["args"]
+    trainer_env = env(main)
+    assert trainer_env["CADENCE_NNODES"] == "2" and trainer_env["CADENCE_NPROC_PER_NODE"] == "8"
+    assert trainer_env["MASTER_ADDR"] == "rel-cadence-trainer-0.rel-cadence-trainer-headless.cadence.svc"
+    assert trainer_env["CADENCE_NODE_RANK"] == {
+        "fieldRef": {"fieldPath": "metadata.labels['apps.kubernetes.io/pod-index']"}
+    }
+    headless = find(multi, "Service", "rel-cadence-trainer-headless")
+    assert headless["spec"]["clusterIP"] == "None" and headless["spec"]["publishNotReadyAddresses"] is True
+    assert trainer["spec"]["serviceName"] == "rel-cadence-trainer-headless"
+    assert trainer["spec"]["volumeClaimTemplates"][0]["spec"]["resources"]["requests"]["storage"] == "500Gi"
+
+    for name in ("cpu-tiny", "default", "keda", "external-redis"):
+        for workload in workloads(rendered[name]):
+            for c in workload["spec"]["template"]["spec"]["containers"]:
+                assert not any("gpu" in key for key in c["resources"]["limits"]), (name, workload["metadata"]["name"])
+
+
+def test_gpu_resource_name_is_configurable(render_values) -> None:
+    docs = render_values({"gpu": {"resourceName": "amd.com/gpu"}, "trainer": {"gpus": 4}})
+    assert _gpus(find(docs, "StatefulSet", "rel-cadence-trainer"), "trainer", "amd.com/gpu") == (4, 4)
+
+
+@pytest.mark.parametrize("name", [*SCENARIOS, "default"])
+def test_labels_are_consistent(rendered: dict[str, list[dict]], name: str) -> None:
+    docs = rendered[name]
+    for doc in docs:
+        labels = doc["metadata"]["labels"]
+        assert set(LABELS) <= set(labels), (doc["kind"], doc["metadata"]["name"])
+        assert labels["app.kubernetes.io/name"] == "cadence" and labels["app.kubernetes.io/instance"] == "rel"
+        assert labels["app.kubernetes.io/part-of"] == "cadence" and labels["app.kubernetes.io/managed-by"] == "Helm"
+        assert doc["metadata"]["namespace"] == "cadence", "every object names its namespace"
+    pod_labels = [w["spec"]["template"]["metadata"]["labels"] for w in workloads(docs)]
+    for workload in workloads(docs):
+        selector = workload["spec"]["selector"]["matchLabels"]
+        assert selector.items() <= workload["spec"]["template"]["metadata"]["labels"].items()
+        assert selector["app.kubernetes.io/component"] == workload["metadata"]["labels"]["app.kubernetes.io/component"]
+    for doc in docs:
+        if doc["kind"] == "Service":
+            wanted = {k: v for k, v in doc["spec"]["selector"].items() if k != "apps.kubernetes.io/pod-index"}
+        elif doc["kind"] in ("PodDisruptionBudget", "NetworkPolicy"):
+            wanted = (doc["spec"].get("selector") or doc["spec"]["podSelector"])["matchLabels"]
+        else:
+            continue
+        assert any(wanted.items() <= labels.items() for labels in pod_labels), (doc["kind"], doc["metadata"]["name"])
+
+
+def test_schema_rejects_bad_values_with_a_clear_message(render_values) -> None:
+    with pytest.raises(helm_python.HelmValuesError, match=r"at '/inference/replicas': got string, want integer"):
+        render_values({"inference": {"replicas": "two"}})
+    with pytest.raises(helm_python.HelmValuesError, match=r"additional properties 'replica' not allowed"):
+        render_values({"reward": {"replica": 3}})
+    with pytest.raises(helm_python.HelmValuesError, match=r"at '/inference/engine'"):
+        render_values({"inference": {"engine": "tgi"}})
+    with pytest.raises(helm_python.HelmValuesError, match=r"at '/run/id'"):
+        render_values({"run": {"id": "bad id!"}})
+
+
+def test_required_settings_fail_with_the_fix(render_values) -> None:
+    with pytest.raises(helm_python.HelmRenderError, match=r"redis.external.url \(or redis.external.existingSecret\)"):
+        render_values({"redis": {"enabled": False}})
+    with pytest.raises(
+        helm_python.HelmRenderError, match=r"gpu.resourceName must name the GPU resource .* trainer.gpus is 2"
+    ):
+        render_values({"gpu": {"resourceName": ""}, "trainer": {"gpus": 2}})
+    with pytest.raises(
+        helm_python.HelmRenderError, match=r"inference.tensorParallelSize \(3\) must divide inference.gpus \(4\)"
+    ):
+        render_values({"inference": {"gpus": 4, "tensorParallelSize": 3}})
+    with pytest.raises(helm_python.HelmRenderError, match=r"needs both requests and limits"):
+        render_values({"broker": {"resources": {"limits": None}}})  # null deletes the default
+
+
+@pytest.mark.parametrize("name", [*SCENARIOS, "default"])
+def test_run_configmap_holds_a_valid_run_config(rendered: dict[str, list[dict]], name: str) -> None:
+    configmap = find(rendered[name], "ConfigMap", "rel-cadence-run")
+    config = parse_run_config(yaml.safe_load(configmap["data"]["run.yaml"]), f"{name} run.yaml")
+    assert config.run_id == configmap["metadata"]["annotations"]["cadence.dev/run-id"]
+    trainer = find(rendered[name], "StatefulSet", "rel-cadence-trainer")
+    volumes = {v["name"]: v for v in trainer["spec"]["template"]["spec"]["volumes"]}
+    assert volumes["run-config"]["configMap"]["name"] == "rel-cadence-run"
+    assert env(container(trainer, "trainer"))["CADENCE_CONFIG"] == "/etc/cadence/run/run.yaml"
+
+
+def test_redis_bundled_with_aof_or_external(rendered: dict[str, list[dict]]) -> None:
+    redis = find(rendered["default"], "StatefulSet", "rel-cadence-redis")
+    args = container(redis, "redis")["args"]
+    assert args[args.index("--appendonly") + 1] == "yes"
+    assert redis["spec"]["volumeClaimTemplates"][0]["metadata"]["name"] == "data"
+    external = rendered["external-redis"]
+    assert not [d for d in external if d["metadata"]["name"].endswith("-redis") and d["kind"] != "NetworkPolicy"]
+    for service in ("inference", "reward"):
+        url = env(container(find(external, "Deployment", f"rel-cadence-{service}"), service))["CADENCE_REDIS_URL"]
+        assert url == {"secretKeyRef": {"name": "cadence-redis", "key": "url"}}
+    default_url = env(container(find(rendered["default"], "Deployment", "rel-cadence-inference"), "inference"))
+    assert default_url["CADENCE_REDIS_URL"] == "redis://rel-cadence-redis:6379/0"
+
+
+def test_reward_api_keys_service_ingress_hpa(rendered: dict[str, list[dict]]) -> None:
+    external = rendered["external-redis"]
+    reward = find(external, "Deployment", "rel-cadence-reward")
+    assert env(container(reward, "reward"))["CADENCE_API_KEYS_FILE"] == "/etc/cadence/api-keys/keys"
+    keys = {v["name"]: v for v in reward["spec"]["template"]["spec"]["volumes"]}["api-keys"]["secret"]
+    assert keys["secretName"] == "cadence-reward-keys" and keys["items"] == [{"key": "api-keys", "path": "keys"}]
+    ingress = find(external, "Ingress", "rel-cadence-reward")
+    assert ingress["spec"]["tls"][0]["secretName"] == "reward-tls"
+    ports = {p["name"]: p["port"] for p in find(external, "Service", "rel-cadence-reward")["spec"]["ports"]}
+    assert ports == {"http": 8000, "grpc": 50052}
+    keda = rendered["keda"]
+    secret = find(keda, "Secret", "rel-cadence-reward-api-keys")
+    assert secret["stringData"]["api-keys"].split() == ["ci-example-key-not-secret"]
+    assert not [d for d in keda if d["kind"] == "HorizontalPodAutoscaler"], "KEDA owns the reward HPA"
+    assert "replicas" not in find(keda, "Deployment", "rel-cadence-reward")["spec"]
+    assert "CADENCE_API_KEYS_FILE" not in env(
+        container(find(rendered["default"], "Deployment", "rel-cadence-reward"), "reward")
+    )
+
+
+def test_keda_scales_on_the_run_streams(rendered: dict[str, list[dict]]) -> None:
+    scaled = {d["metadata"]["name"]: d for d in rendered["keda"] if d["kind"] == "ScaledObject"}
+    assert set(scaled) == {"rel-cadence-inference", "rel-cadence-reward"}
+    for service, stream, lag in (("inference", "prompts", "32"), ("reward", "rollouts", "256")):
+        obj = scaled[f"rel-cadence-{service}"]
+        assert obj["apiVersion"] == "keda.sh/v1alpha1"
+        assert obj["spec"]["scaleTargetRef"] == {
+            "apiVersion": "apps/v1",
+            "kind": "Deployment",
+            "name": f"rel-cadence-{service}",
+        }
+        (trigger,) = obj["spec"]["triggers"]
+        assert trigger["type"] == "redis-streams"
+        assert trigger["metadata"] == {
+            "address": "rel-cadence-redis:6379",
+            "stream": f"cadence:toy-dpo:{stream}",
+            "consumerGroup": service,
+            "lagCount": lag,
+        }
+    redis_policy = find(rendered["keda"], "NetworkPolicy", "rel-cadence-redis")
+    assert {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "keda"}}} in redis_policy["spec"][
+        "ingress"
+    ][0]["from"]
+    monitors = [d for d in rendered["keda"] if d["kind"] == "ServiceMonitor"]
+    assert {m["spec"]["endpoints"][0]["port"] for m in monitors} == {"metrics", "http"}
+
+
+def test_network_policies_allow_only_the_paths_cadence_uses(rendered: dict[str, list[dict]]) -> None:
+    docs = rendered["default"]
+    deny = find(docs, "NetworkPolicy", "rel-cadence-default-deny")
+    assert deny["spec"]["policyTypes"] == ["Ingress"] and "ingress" not in deny["spec"]
+
+    def sources(name: str) -> set[str]:
+        rule = find(docs, "NetworkPolicy", name)["spec"]["ingress"][0]
+        return {peer["podSelector"]["matchLabels"]["app.kubernetes.io/component"] for peer in rule["from"]}
+
+    assert sources("rel-cadence-redis") == {"inference", "reward", "trainer"}
+    assert sources("rel-cadence-broker") == {"inference", "trainer"}
+    assert sources("rel-cadence-trainer") == {"trainer"}
+    assert not [d for d in docs if d["metadata"]["name"] == "rel-cadence-inference" and d["kind"] == "NetworkPolicy"]
+    pdbs = {d["metadata"]["name"]: d["spec"] for d in docs if d["kind"] == "PodDisruptionBudget"}
+    assert pdbs["rel-cadence-trainer"]["maxUnavailable"] == 0 and len(pdbs) == 4
+
+
+def test_inference_loads_models_from_a_pvc_or_a_seed_init_container(rendered: dict[str, list[dict]]) -> None:
+    tiny = find(rendered["cpu-tiny"], "Deployment", "rel-cadence-inference")["spec"]["template"]["spec"]
+    (init,) = tiny["initContainers"]
+    assert init["command"] == ["cadence", "seed-model", "tiny"]
+    assert {m["mountPath"] for m in init["volumeMounts"]} >= {"/var/cache/cadence"}
+    gpu = find(rendered["gpu-single-node"], "Deployment", "rel-cadence-inference")["spec"]["template"]["spec"]
+    models = {v["name"]: v for v in gpu["volumes"]}["models"]
+    assert models["persistentVolumeClaim"] == {"claimName": "cadence-models", "readOnly": True}
+    main = next(c for c in gpu["containers"] if c["name"] == "inference")
+    assert main["startupProbe"]["periodSeconds"] * main["startupProbe"]["failureThreshold"] >= 1800
+    assert env(main)["CADENCE_MODEL"] == "/models/Qwen2.5-Math-1.5B" and env(main)["CADENCE_ENGINE"] == "vllm"

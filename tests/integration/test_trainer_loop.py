@@ -1,0 +1,239 @@
+"""The training loop against real Redis, a real broker and the real tiny model (CPU, one process).
+
+The inference and reward services are not started: a rule-abiding stand-in thread reads the real
+`prompts` stream and writes real `ScoredRollout` messages into the real `scored` stream (the stream
+contract), generating at each prompt's `min_version` and scoring toy answers exactly.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from cadence import streams
+from cadence.broker.main import build
+from cadence.clients.broker import BrokerClient
+from cadence.config import RunConfig
+from cadence.net import free_port
+from cadence.settings import BrokerSettings
+from cadence.tasks import load_problems
+from cadence.trainer.engine import TrainEngine
+from cadence.trainer.feeder import Feeder, PromptPlan
+from cadence.trainer.loop import TrainLoop
+from cadence.v1 import common_pb2
+
+torch.set_num_threads(1)
+METRIC_KEYS = {
+    "step", "version", "loss", "reward_mean", "accuracy", "chosen_logps", "rejected_logps", "margin", "entropy",
+    "length_mean", "length_hist", "staleness_mean", "staleness_max", "pairs_kept", "pairs_skipped",
+    "rejected_rollouts", "samples", "tokens_per_s", "time_wait", "time_compute", "time_publish", "step_time",
+}  # fmt: skip
+
+
+@pytest.fixture
+def broker_target() -> Iterator[str]:
+    server, servicer = build(BrokerSettings(host="127.0.0.1", grpc_port=free_port(), store="memory", retain=4))
+    port = server.start()
+    yield f"127.0.0.1:{port}"
+    servicer.close()
+    server.stop(0.5)
+
+
+class Generator(threading.Thread):
+    """Plays inference + reward: answers each prompt at its `min_version`, half the samples right.
+
+    `bad_step`: the first prompt of that step is first answered by version 0 (breaking the rule);
+    the trainer must reject it and re-enqueue the prompt, which is then answered correctly.
+    """
+
+    def __init__(self, redis_url: str, run_id: str, broker: str, tokenizer: Any, bad_step: int | None = None):
+        super().__init__(daemon=True)
+        self.client = streams.connect(redis_url)
+        self.consumer = streams.StreamConsumer(
+            self.client, streams.stream_key(run_id, "prompts"), "inference", "gen-0", common_pb2.Prompt, block_ms=100
+        )
+        self.out = streams.StreamProducer(self.client, streams.stream_key(run_id, "scored"))
+        self.broker = BrokerClient(broker, run_id)
+        self.tokenizer, self.bad_step = tokenizer, bad_step
+        self.halt = threading.Event()
+        self.seen: list[tuple[int, int, int]] = []  # (step, min_version, broker latest when seen)
+
+    def run(self) -> None:
+        while not self.halt.is_set():
+            for entry in self.consumer.read(8):
+                self.answer(entry.message)
+                self.consumer.ack([entry.id])
+
+    def answer(self, prompt: common_pb2.Prompt) -> None:
+        latest = self.broker.latest()
+        self.seen.append((prompt.step, prompt.min_version, latest.version if latest else 0))
+        version = prompt.min_version
+        if prompt.step == self.bad_step:
+            self.bad_step, version = None, 0 if prompt.min_version else 1
+        eos = self.tokenizer.eos_token_id
+        samples, scores = [], []
+        for i in range(prompt.sampling.n):
+            answer = prompt.reference if i % 2 == 0 else str(int(prompt.reference) + 1 + i)
+            ids = self.tokenizer(f" \\boxed{{{answer}}}", add_special_tokens=False)["input_ids"] + [eos]
+            samples.append(common_pb2.Sample(text=answer, token_ids=ids, finish_reason="stop"))
+            scores.append(common_pb2.Score(reward=float(i % 2 == 0), reason="correct" if i % 2 == 0 else "incorrect"))
+        prompt_ids = self.tokenizer(prompt.text)["input_ids"]
+        rollout = common_pb2.Rollout(
+            prompt=prompt, samples=samples, prompt_token_ids=prompt_ids, policy_version=version
+        )
+        self.out.add(common_pb2.ScoredRollout(rollout=rollout, scores=scores))
+
+    def stop(self) -> None:
+        self.halt.set()
+        self.join(5)
+        self.broker.close()
+
+
+def make_loop(model_dir: Path, config: RunConfig, redis_url: str, broker: Any, run_dir: Path) -> TrainLoop:
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    client = streams.connect(redis_url)
+    plan = PromptPlan(config, [load_problems(task) for task in config.tasks], config.run_id)
+    engine = TrainEngine(model_dir, config)
+    return TrainLoop(engine, tokenizer, client, Feeder(client, plan), broker, run_dir, config.run_id)
+
+
+def run_config(**fields: Any) -> RunConfig:
+    base = {
+        "run_id": "loop",
+        "steps": 4,
+        "batch_prompts": 2,
+        "sync_every": 2,
+        "max_inflight": 2,
+        "sampling": {"n": 4, "max_tokens": 8},
+        "optimizer": {"lr": 1e-3},
+        "tasks": [{"name": "toy", "limit": 50}],
+    }
+    return RunConfig.model_validate(base | fields)
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+@pytest.fixture
+def generator(redis_url: str, broker_target: str, untrained_tiny_model_dir: Path) -> Iterator[Generator]:
+    gen = Generator(redis_url, "loop", broker_target, AutoTokenizer.from_pretrained(untrained_tiny_model_dir), 2)
+    gen.start()
+    yield gen
+    gen.stop()
+
+
+def test_semi_online_s2_trains_only_on_rule_versions(
+    generator: Generator, redis_url: str, broker_target: str, untrained_tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    """s = 2: steps 0–1 train on version 0, steps 2–3 on version 2; a version-0 rollout for step 2 is
+    rejected (counted, prompt re-enqueued), never trained on; block 1 is released only once version 2 is
+    on the broker; versions 2 and 4 are published; the final policy is saved as an HF model."""
+    with BrokerClient(broker_target, "loop") as broker:
+        loop = make_loop(untrained_tiny_model_dir, run_config(), redis_url, broker, tmp_path)
+        assert loop.run().state == "done"
+        assert broker.latest().version == 4
+    ledger = read_jsonl(tmp_path / "ledger.jsonl")
+    assert [row["policy_versions"] for row in ledger] == [[0, 0], [0, 0], [2, 2], [2, 2]]
+    assert [row["samples"] for row in ledger] == [8, 8, 8, 8]
+    assert {(step, min_version) for step, min_version, _ in generator.seen} == {(0, 0), (1, 0), (2, 2), (3, 2)}
+    assert all(latest >= min_version for _, min_version, latest in generator.seen)
+    metrics = read_jsonl(tmp_path / "metrics.jsonl")
+    assert METRIC_KEYS <= set(metrics[-1])
+    assert metrics[-1]["rejected_rollouts"] == 1 and metrics[1]["rejected_rollouts"] == 0
+    assert [m["version"] for m in metrics] == [0, 2, 2, 4]
+    assert metrics[0]["accuracy"] == 0.5 and metrics[0]["pairs_kept"] == 2
+    assert len(metrics[0]["length_hist"]) == 10 and sum(metrics[0]["length_hist"]) == 8
+    assert streams.read_meta(loop.client, "loop")["state"] == "done"
+    final = AutoModelForCausalLM.from_pretrained(tmp_path / "final")
+    policy = loop.engine.full_state_dict()
+    assert all(torch.equal(policy[k], v) for k, v in final.state_dict().items())
+
+
+@pytest.mark.parametrize("ref_sync_every", [2, None])
+def test_reference_is_the_last_sync_point_or_the_seed(
+    ref_sync_every: int | None,
+    generator: Generator,
+    redis_url: str,
+    broker_target: str,
+    untrained_tiny_model_dir: Path,
+    tmp_path: Path,
+) -> None:
+    """s = 2, 3 steps: with ref_sync_every = 2 the reference is exactly version 2 (as published, not the
+    current policy); with null it is still the seed."""
+    config = run_config(steps=3, ref_sync_every=ref_sync_every)
+    with BrokerClient(broker_target, "loop") as broker:
+        loop = make_loop(untrained_tiny_model_dir, config, redis_url, broker, tmp_path)
+        loop.run()
+        version2 = broker.fetch(2)
+    reference, policy = loop.engine.reference.state_dict(), loop.engine.full_state_dict()
+    seed = AutoModelForCausalLM.from_pretrained(untrained_tiny_model_dir).state_dict()
+    expected = version2 if ref_sync_every else seed
+    assert all(torch.equal(reference[k], expected[k]) for k in expected)
+    assert not all(torch.equal(reference[k], policy[k]) for k in policy)
+
+
+def test_offline_enqueues_everything_at_version_zero_and_never_publishes(
+    generator: Generator, redis_url: str, broker_target: str, untrained_tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    config = run_config(sync_every=None, steps=3)
+    generator.bad_step = None
+    with BrokerClient(broker_target, "loop") as broker:
+        loop = make_loop(untrained_tiny_model_dir, config, redis_url, broker, tmp_path)
+        loop.feeder.top_up(trainer_step=0, version=0)
+        assert loop.feeder.next_step == 3  # the whole run at once
+        loop.run()
+        assert broker.latest() is None
+    assert [row["policy_versions"] for row in read_jsonl(tmp_path / "ledger.jsonl")] == [[0, 0]] * 3
+    assert {min_version for _, min_version, _ in generator.seen} == {0}
+
+
+class CrashAfterPublishing:
+    """Fault injection around the real client: the trainer dies right after version `at` is uploaded."""
+
+    def __init__(self, client: BrokerClient, at: int) -> None:
+        self.client, self.at = client, at
+
+    def latest(self) -> Any:
+        return self.client.latest()
+
+    def publish(self, state: dict, version: int) -> Any:
+        info = self.client.publish(state, version)
+        if version == self.at:
+            raise RuntimeError("killed")
+        return info
+
+
+def test_crash_and_restart_resume_without_loss_or_duplication(
+    generator: Generator, redis_url: str, broker_target: str, untrained_tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    """Online (s = 1), checkpoint every 2 steps, 6 steps. The trainer dies after publishing version 4
+    (its last checkpoint is after step 2), restarts from that checkpoint, replays steps 2–3 from the
+    unacknowledged scored entries without re-publishing 3 and 4, and finishes: every prompt trained
+    exactly once, every step recorded once, versions 1–6 each published once."""
+    config = run_config(sync_every=1, steps=6, checkpoint_every=2)
+    generator.bad_step = None
+    with BrokerClient(broker_target, "loop") as broker:
+        crashing = make_loop(untrained_tiny_model_dir, config, redis_url, CrashAfterPublishing(broker, 4), tmp_path)
+        with pytest.raises(RuntimeError, match="killed"):
+            crashing.run()
+        assert [row["step"] for row in read_jsonl(tmp_path / "ledger.jsonl")] == [0, 1, 2]
+        restarted = make_loop(untrained_tiny_model_dir, config, redis_url, broker, tmp_path)
+        assert restarted.run().state == "done"
+        assert broker.latest().version == 6
+    ledger = read_jsonl(tmp_path / "ledger.jsonl")
+    assert [row["step"] for row in ledger] == list(range(6))
+    trained = [pid for row in ledger for pid in row["prompt_ids"]]
+    enqueued = streams.StreamConsumer(
+        restarted.client, streams.stream_key("loop", "prompts"), "audit", "audit", common_pb2.Prompt
+    ).read(1000)
+    assert sorted(trained) == sorted(entry.message.prompt_id for entry in enqueued)
+    assert [row["policy_versions"] for row in ledger] == [[t, t] for t in range(6)]
+    assert restarted.consumer.pending() == 0

@@ -1,0 +1,164 @@
+"""The math verifier: bounded answer extraction, reference wrapping, the process pool and its deadlines.
+
+Real math-verify throughout. The MATH-500 tests check every gold solution against its own gold answer
+(must be correct) and against another problem's gold answer (must be incorrect), and print the agreement.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from cadence.reward.verifier import (
+    MAX_ANSWER_CHARS,
+    TAIL_CHARS,
+    MathVerifier,
+    check,
+    extract_answer,
+    last_boxed,
+    wrap_reference,
+)
+
+MATH500 = Path("/work/shared/data/math500.jsonl")
+PATHOLOGICAL = {
+    "100 KB of text": "x" * 100_000,
+    "10,000 nested braces": "{" * 10_000 + "}" * 10_000,
+    "10,000 nested braces in a box": "\\boxed{" + "{" * 10_000 + "}" * 10_000 + "}",
+    "'9' * 100000": "9" * 100_000,
+    "boxed '9' * 100000": "\\boxed{" + "9" * 100_000 + "}",
+    "unterminated box": "The answer is \\boxed{",
+    "unterminated box, 100 KB": "\\boxed{" + "x" * 100_000,
+    "many unterminated boxes": "\\boxed{" * 20_000,
+    "a tower of powers": "\\boxed{9^{9^{9^{9}}}}",
+}
+
+
+@pytest.fixture(scope="module")
+def verifier() -> Iterator[MathVerifier]:
+    pool = MathVerifier(processes=2, item_timeout=3.0)
+    assert pool.wait_ready(), "math-verify workers did not start"
+    yield pool
+    pool.close()
+
+
+def math500() -> list[dict]:
+    if not MATH500.is_file():
+        pytest.skip(f"{MATH500} is missing")
+    return [json.loads(line) for line in MATH500.read_text().splitlines() if line.strip()]
+
+
+def test_last_boxed_takes_the_last_complete_box_with_nested_braces() -> None:
+    text = "first \\boxed{1} then \\boxed{\\frac{1}{2}} and a stray \\boxed{"
+    assert last_boxed(text) == "\\frac{1}{2}"
+    assert last_boxed("no box here") is None
+    assert last_boxed("\\boxed {7}") == "7"
+
+
+def test_extraction_is_bounded() -> None:
+    assert last_boxed("\\boxed{" + "9" * (MAX_ANSWER_CHARS + 1) + "}") is None
+    tail = extract_answer("x" * 100_000)
+    assert tail is not None and len(tail) == TAIL_CHARS
+    assert extract_answer("   ") is None
+    assert extract_answer("\\boxed{ }") is None
+
+
+def test_reference_wrapping_makes_bare_latex_parse() -> None:
+    assert wrap_reference("\\dfrac{1}{9}") == "\\boxed{\\dfrac{1}{9}}"
+    assert wrap_reference("$5$") == "$5$"
+    assert check("\\boxed{\\frac{1}{9}}", wrap_reference("\\dfrac{1}{9}")).reason == "correct"
+    assert check("\\boxed{0.5}", wrap_reference("\\frac12")).reason == "correct"
+    assert check("\\boxed{3}", wrap_reference("4")).reason == "incorrect"
+
+
+def test_reasons(verifier: MathVerifier) -> None:
+    assert verifier.verify("so \\boxed{42}", "42").reason == "correct"
+    assert verifier.verify("so \\boxed{41}", "42").reason == "incorrect"
+    assert verifier.verify("", "42").reason == "no_answer"
+    assert verifier.verify("I do not know", "42").reason == "no_answer"
+    assert verifier.verify("\\boxed{42}", "}").reason == "error"
+
+
+def test_math500_gold_solutions_agree_with_gold_answers(verifier: MathVerifier) -> None:
+    rows = math500()
+    started = time.monotonic()
+    verdicts = verifier.verify_many([(row["solution"], row["answer"]) for row in rows])
+    reasons = Counter(verdict.reason for verdict in verdicts)
+    agreement = reasons["correct"] / len(rows)
+    print(f"\nMATH-500 gold vs gold: {agreement:.1%} correct {dict(reasons)} in {time.monotonic() - started:.1f}s")
+    assert agreement >= 0.99
+
+
+def test_math500_perturbed_answers_are_incorrect(verifier: MathVerifier) -> None:
+    rows = math500()
+    pairs = []
+    for index, row in enumerate(rows):
+        other = rows[(index + len(rows) // 2) % len(rows)]["answer"]
+        if other.replace(" ", "") != row["answer"].replace(" ", ""):
+            pairs.append((f"The answer is $\\boxed{{{other}}}$.", row["answer"]))
+    reasons = Counter(verdict.reason for verdict in verifier.verify_many(pairs))
+    agreement = reasons["incorrect"] / len(pairs)
+    print(f"\nMATH-500 perturbed: {agreement:.1%} incorrect of {len(pairs)} {dict(reasons)}")
+    assert reasons["correct"] <= 0.01 * len(pairs)
+    assert agreement >= 0.97
+
+
+@pytest.mark.parametrize("name", list(PATHOLOGICAL))
+def test_pathological_inputs_are_bounded_and_the_pool_recovers(verifier: MathVerifier, name: str) -> None:
+    started = time.monotonic()
+    verdict = verifier.verify(PATHOLOGICAL[name], "1")
+    elapsed = time.monotonic() - started
+    assert verdict.reason in ("incorrect", "no_answer", "timeout")
+    assert elapsed < verifier.item_timeout + 2.0, f"{name} took {elapsed:.1f}s"
+    assert verifier.verify("\\boxed{2}", "2").reason == "correct"
+
+
+def test_a_stuck_item_times_out_and_its_worker_is_replaced(verifier: MathVerifier) -> None:
+    restarts = verifier.restarts
+    started = time.monotonic()
+    verdicts = verifier.verify_many([("\\boxed{10^{10^{10}}}", "1"), ("\\boxed{7}", "7")])
+    assert [v.reason for v in verdicts] == ["timeout", "correct"]
+    assert time.monotonic() - started < verifier.item_timeout + 2.0
+    assert verifier.restarts == restarts + 1
+    assert verifier.wait_ready(30.0)
+
+
+def test_a_stuck_item_does_not_block_other_callers(verifier: MathVerifier) -> None:
+    stuck = threading.Thread(target=verifier.verify, args=("\\boxed{9^{9^{9^{9}}}}", "1"))
+    stuck.start()
+    time.sleep(0.2)
+    started = time.monotonic()
+    assert verifier.verify("\\boxed{5}", "5").reason == "correct"
+    assert time.monotonic() - started < 1.0
+    stuck.join()
+
+
+def test_a_worker_killed_from_outside_is_replaced(verifier: MathVerifier) -> None:
+    assert verifier.wait_ready(30.0)
+    worker = verifier._workers[0]
+    assert worker is not None
+    worker.process.kill()
+    worker.process.join()
+    verdicts = verifier.verify_many([(f"\\boxed{{{n}}}", str(n)) for n in range(8)])
+    assert all(v.reason == "correct" for v in verdicts)
+    assert verifier.wait_ready(30.0)
+
+
+def test_many_threads_at_once_nothing_dropped(verifier: MathVerifier) -> None:
+    results: dict[int, str] = {}
+
+    def call(n: int) -> None:
+        results[n] = verifier.verify(f"\\boxed{{{n}}}", str(n if n % 3 else n + 1)).reason
+
+    threads = [threading.Thread(target=call, args=(n,)) for n in range(64)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert len(results) == 64
+    assert all(results[n] == ("correct" if n % 3 else "incorrect") for n in range(64))

@@ -1,0 +1,73 @@
+"""The cadence rule as the feeder applies it: version tags, block release, in-flight bound, task mixing."""
+
+from __future__ import annotations
+
+import pytest
+
+from cadence.config import RunConfig, TaskConfig
+from cadence.tasks import Problem, load_problems
+from cadence.trainer.feeder import PromptPlan, allowed_versions, step_quotas
+
+
+def run_config(**fields: object) -> RunConfig:
+    return RunConfig.model_validate({"batch_prompts": 4, "steps": 8} | fields)
+
+
+@pytest.mark.parametrize(
+    ("sync_every", "expected"),
+    [
+        (2, [(0, 0), (0, 0), (2, 2), (2, 2), (4, 4)]),  # semi-online s = 2: steps 0–1 → 0, 2–3 → 2
+        (None, [(0, 0)] * 5),  # offline: always the seed
+        (1, [(t, t) for t in range(5)]),  # online: step t trains on version t
+    ],
+)
+def test_allowed_versions_follow_the_rule(sync_every: int | None, expected: list[tuple[int, int]]) -> None:
+    config = run_config(sync_every=sync_every)
+    assert [allowed_versions(config, t) for t in range(5)] == expected
+
+
+def test_async_lag_widens_the_window_downwards_only() -> None:
+    """s = 2, lag 1: step 4 (block 2) may use version 2 or 4; block 0 never goes below 0."""
+    config = run_config(sync_every=2, async_lag=1)
+    assert allowed_versions(config, 4) == (2, 4)
+    assert allowed_versions(config, 1) == (0, 0)
+
+
+def test_quotas_follow_weights_and_sum_to_the_batch() -> None:
+    """Weights 3:1 over 4 prompts → 3 + 1; 1:1 over 3 → the odd prompt alternates between tasks."""
+    assert step_quotas([3, 1], 4, step=0) == [3, 1]
+    assert step_quotas([1, 1], 3, step=0) == [2, 1]
+    assert step_quotas([1, 1], 3, step=1) == [1, 2]
+    assert all(sum(step_quotas([0.2, 0.5, 0.3], 7, t)) == 7 for t in range(10))
+
+
+def test_plan_is_a_pure_function_of_seed_and_step() -> None:
+    config = run_config(sync_every=2, tasks=[{"name": "toy", "limit": 10}])
+    problems = [load_problems(config.tasks[0])]
+    first, second = PromptPlan(config, problems, "r"), PromptPlan(config, problems, "r")
+    assert [p.prompt_id for p in first.prompts_for(3)] == [p.prompt_id for p in second.prompts_for(3)]
+    prompts = first.prompts_for(3)
+    assert len(prompts) == 4 and {p.step for p in prompts} == {3} and {p.min_version for p in prompts} == {2}
+    assert prompts[0].sampling.n == config.sampling.n and prompts[0].task == "math" and prompts[0].reference
+    # 10 problems, 4 per step: steps 0–1 and half of step 2 make the first epoch, each problem once.
+    seen = [p.prompt_id.split(":", 1)[1] for t in range(3) for p in first.prompts_for(t)][:10]
+    assert len(set(seen)) == 10
+
+
+def test_mixed_tasks_are_drawn_by_weight_and_tagged_with_their_kind() -> None:
+    math = [Problem(f"m{i}", "math", f"What is {i}+0?", str(i)) for i in range(5)]
+    chat = [Problem(f"c{i}", "chat", f"Say hi #{i}") for i in range(5)]
+    tasks = [TaskConfig(name="m", weight=3), TaskConfig(name="c", kind="chat", weight=1)]
+    config = run_config(tasks=tasks, reward_model="tiny-rm")
+    prompts = PromptPlan(config, [math, chat], "r").prompts_for(0)
+    assert [p.task for p in prompts] == ["math", "math", "math", "chat"]
+    assert prompts[3].reference == ""
+
+
+def test_overlong_prompts_are_refused() -> None:
+    config = run_config(model={"max_prompt_tokens": 12})
+    problems = [Problem("short", "math", "What is 1+1?", "2"), Problem("long", "math", "x" * 40, "1")]
+    plan = PromptPlan(config, [problems], "r", token_count=len)
+    assert {p.prompt_id.split(":", 1)[1] for p in plan.prompts_for(0)} == {"short"}
+    with pytest.raises(ValueError, match="max_prompt_tokens"):
+        PromptPlan(config, [problems[1:]], "r", token_count=len)
