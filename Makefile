@@ -9,7 +9,7 @@ export CADENCE_HOME ?= $(CURDIR)/.cache/cadence
 export TORCH_EXTENSIONS_DIR ?= $(CADENCE_HOME)/torch_extensions
 export PATH := $(BIN):$(PATH)
 
-.PHONY: help setup system-deps run test test-slow proto lint bench bench-quick clean
+.PHONY: help setup system-deps run test test-slow proto lint bench bench-quick clean chart-tools chart-test chart-docs images
 
 help:  ## List the targets.
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
@@ -33,11 +33,15 @@ system-deps:
 	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && apt-get install -y -qq redis-server >/dev/null; \
 	  else echo "redis-server is missing: run 'sudo apt-get install -y redis-server' and retry"; exit 1; fi; \
 	fi
+	@if ! command -v docker-compose >/dev/null; then \
+	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && apt-get install -y -qq --no-install-recommends docker-compose >/dev/null; \
+	  else echo "docker-compose is missing: run 'sudo apt-get install -y --no-install-recommends docker-compose'"; exit 1; fi; \
+	fi
 
 run: setup  ## Train the embedded default: semi-online DPO (s=4) on toy arithmetic, tiny model, CPU.
 	$(BIN)/cadence run $(CONFIG)
 
-test: setup  ## The whole CPU suite: unit, integration, e2e and chart tests.
+test: setup chart-tools  ## The whole CPU suite: unit, integration, e2e and chart tests.
 	$(BIN)/pytest -q -m "not slow" $(PYTEST_ARGS)
 
 test-slow: setup  ## Long campaigns (fault injection, fuzzing, smollm2).
@@ -59,3 +63,31 @@ bench-quick: setup  ## A short pass over every benchmark (≤ 5 min).
 clean:  ## Remove build outputs, caches and runs (keeps .venv).
 	rm -rf build dist *.egg-info .pytest_cache .ruff_cache runs bench/results
 	find . -name __pycache__ -prune -exec rm -rf {} +
+
+# Deployment: checkov downgrades packages Cadence shares, so it lives in its own venv (.venv-tools).
+TOOLS := $(CURDIR)/.venv-tools
+IMAGE_REPO ?= cadence
+IMAGE_TAG ?= dev
+VARIANT ?= cpu
+
+chart-tools: $(TOOLS)/.installed system-deps  ## checkov in .venv-tools and docker-compose, for the chart tests.
+
+$(TOOLS)/.installed:
+	test -x $(TOOLS)/bin/python || $(PY) -m venv $(TOOLS)
+	$(TOOLS)/bin/pip install -q checkov
+	touch $@
+
+chart-test: setup chart-tools  ## Chart, images, compose and `cadence k8s` tests (real Helm, kubernetes-validate, checkov).
+	$(BIN)/pytest -q tests/chart tests/unit/k8s $(PYTEST_ARGS)
+
+chart-docs: $(VENV)/.installed  ## Regenerate values.schema.json and the README values table from values.yaml.
+	$(BIN)/python charts/cadence/scripts/values_schema.py
+
+images:  ## Build the four service images (VARIANT=cpu|cuda; needs a Docker engine).
+	@command -v docker >/dev/null || { echo "make images needs a Docker engine (the docker CLI and daemon)"; exit 1; }
+	@set -e; for s in inference reward trainer broker; do \
+	  v=$(VARIANT); [ $$s = broker ] && v=cpu; \
+	  tag=$(IMAGE_TAG)$$( [ $$v = cpu ] || echo -$$v ); \
+	  echo "building $(IMAGE_REPO)-$$s:$$tag (VARIANT=$$v)"; \
+	  docker build -f services/$$s/Dockerfile --build-arg VARIANT=$$v -t $(IMAGE_REPO)-$$s:$$tag .; \
+	done

@@ -13,6 +13,19 @@ from typing import Any
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
+def row(metric: str, measured: float, goal: float | None, unit: str, higher_is_better: bool = True) -> dict[str, Any]:
+    """One result row; status `ok` when the goal is met (or there is none), else `short`."""
+    met = goal is None or (measured >= goal if higher_is_better else measured <= goal)
+    return {
+        "metric": metric,
+        "measured": round(measured, 3),
+        "goal": goal,
+        "unit": unit,
+        "higher_is_better": higher_is_better,
+        "status": "ok" if met else "short",
+    }
+
+
 def record(name: str, rows: list[dict[str, Any]]) -> Path:
     """Write the rows to `bench/results/<name>.json` (so results compare across runs) and return the path."""
     RESULTS.mkdir(parents=True, exist_ok=True)

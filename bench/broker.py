@@ -31,7 +31,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch
-from _common import print_table, record
+from _common import print_table, record, row
 
 from cadence.clients import BrokerClient
 from cadence.grpc import wait_healthy
@@ -40,18 +40,6 @@ from cadence.weights import pack
 
 RUN = "bench"
 SMOLLM2 = {"vocab": 49152, "hidden": 576, "intermediate": 1536, "layers": 30, "kv_dim": 192}
-
-
-def row(metric: str, measured: float, goal: float | None, unit: str, higher_is_better: bool = True) -> dict[str, Any]:
-    met = goal is None or (measured >= goal if higher_is_better else measured <= goal)
-    return {
-        "metric": metric,
-        "measured": round(measured, 3),
-        "goal": goal,
-        "unit": unit,
-        "higher_is_better": higher_is_better,
-        "status": "ok" if met else "short",
-    }
 
 
 def start_broker() -> tuple[subprocess.Popen[bytes], str]:

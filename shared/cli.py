@@ -55,9 +55,19 @@ def serve_broker(
     grpc_port: GrpcPort = None,
     store: Annotated[str | None, typer.Option(help="`memory` or a directory (PVC) [env CADENCE_STORE].")] = None,
     retain: Annotated[int | None, typer.Option(help="Versions kept [env CADENCE_RETAIN; default 2].")] = None,
+    max_bytes: Annotated[
+        int | None, typer.Option(help="Most payload bytes held [env CADENCE_MAX_BYTES; default 16 GiB].")
+    ] = None,
 ) -> None:
     """Weight-sync broker: versioned weights, chunked streaming, watch, resumable fetch."""
-    settings = _settings("cadence.settings.BrokerSettings", host=host, grpc_port=grpc_port, store=store, retain=retain)
+    settings = _settings(
+        "cadence.settings.BrokerSettings",
+        host=host,
+        grpc_port=grpc_port,
+        store=store,
+        retain=retain,
+        max_bytes=max_bytes,
+    )
     _launch("cadence.broker.main", settings)
 
 

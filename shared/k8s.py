@@ -261,14 +261,13 @@ def submit(
             f"release {rel.name!r} is running run {rel.current_run!r}; stop it first "
             f"(`cadence k8s stop {rel.current_run}`) or pass --replace"
         )
-    body = run_configmap(rel, config)
-    _store_configmap(clients, rel, body, replace)
-    result = SubmitResult(config.run_id, rel.name, namespace, body.metadata.name)
+    configmap = _store_configmap(clients, rel, run_configmap(rel, config), replace)
+    result = SubmitResult(config.run_id, rel.name, namespace, configmap)
     replicas = max(int((rel.trainer.metadata.annotations or {}).get(REPLICAS) or rel.trainer.spec.replicas or 1), 1)
     name = rel.trainer.metadata.name
     with _api(f"patch StatefulSet {name}"):
         clients.apps.patch_namespaced_stateful_set(
-            name, namespace, trainer_patch(config, body.metadata.name, replicas), _content_type=SMP
+            name, namespace, trainer_patch(config, configmap, replicas), _content_type=SMP
         )
     result.patched.append(f"statefulset/{name}")
     for service in ("inference", "reward"):
@@ -284,19 +283,26 @@ def submit(
     return result
 
 
-def _store_configmap(clients: Clients, rel: Release, body: Any, replace: bool) -> None:
-    name = body.metadata.name
+def _store_configmap(clients: Clients, rel: Release, body: Any, replace: bool) -> str:
+    """Create the run's ConfigMap; a run id the release already knows needs `replace` (returns the name)."""
+    run_id = body.metadata.annotations[RUN_ID]
     try:
-        with _api(f"create ConfigMap {name}"):
+        existing = find_run_configmap(clients, rel, run_id)
+    except NotFound:
+        existing = None
+    if existing is not None and not replace:
+        raise Conflict(
+            f"run {run_id!r} was already submitted to release {rel.name!r} (configmap/{existing.metadata.name}; "
+            "its streams hold that run's data); pick a new run_id or pass --replace"
+        )
+    if existing is None:
+        with _api(f"create ConfigMap {body.metadata.name}"):
             clients.core.create_namespaced_config_map(rel.namespace, body)
-    except Conflict:
-        if not replace:
-            raise Conflict(
-                f"run {body.metadata.annotations[RUN_ID]!r} was already submitted to release {rel.name!r} "
-                "(its streams hold that run's data); pick a new run_id or pass --replace"
-            ) from None
-        with _api(f"replace ConfigMap {name}"):
-            clients.core.replace_namespaced_config_map(name, rel.namespace, body)
+        return body.metadata.name
+    body.metadata.name = existing.metadata.name
+    with _api(f"replace ConfigMap {body.metadata.name}"):
+        clients.core.replace_namespaced_config_map(body.metadata.name, rel.namespace, body)
+    return body.metadata.name
 
 
 def _repoint_scaledobjects(clients: Clients, rel: Release, run_id: str) -> list[str]:

@@ -51,6 +51,7 @@ class BrokerServicer(broker_pb2_grpc.BrokerServicer):
         STORED_BYTES.set_function(lambda: self.store.stats().stored_bytes)
         STAGING_BYTES.set_function(lambda: self.store.stats().staging_bytes)
         WATCHERS.set_function(lambda: self.store.stats().watchers)
+        ACTIVE_FETCHES.set_function(lambda: self.store.stats().active_reads)
 
     def Publish(self, request_iterator: Iterator[Frame], context: grpc.ServicerContext) -> common_pb2.VersionInfo:
         started = time.monotonic()
@@ -100,11 +101,10 @@ class BrokerServicer(broker_pb2_grpc.BrokerServicer):
 
     def Fetch(
         self, request: broker_pb2.FetchRequest, context: grpc.ServicerContext
-    ) -> Iterator[common_pb2.WeightChunk]:
+    ) -> Iterator[common_pb2.WeightChunk | bytes]:
         self._admit_stream("Fetch")
         reader = self.store.open(check_run_id(request.run_id), request.version)
         context.add_callback(reader.close)  # a cancelled stream may never resume the generator
-        ACTIVE_FETCHES.inc()
         started = time.monotonic()
         try:
             if request.offset:
@@ -119,7 +119,6 @@ class BrokerServicer(broker_pb2_grpc.BrokerServicer):
                 BYTES_OUT.inc(min(manifest.chunk_size, manifest.total_bytes - start))
             FETCH_SECONDS.observe(time.monotonic() - started)
         finally:
-            ACTIVE_FETCHES.dec()
             reader.close()
 
     def Status(self, request: broker_pb2.BrokerStatusRequest, context: grpc.ServicerContext) -> broker_pb2.BrokerStatus:

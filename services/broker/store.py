@@ -82,9 +82,7 @@ class Reader:
 
     def close(self) -> None:
         """Release the reference (idempotent)."""
-        if not self._closed:
-            self._closed = True
-            self._store._release(self._slot)
+        self._store._release(self)  # atomic: a gRPC callback and the stream's own cleanup may race
 
     def __enter__(self) -> Reader:
         return self
@@ -292,8 +290,12 @@ class WeightStore(ABC):
         self._discard(slot)
         log.info("evicted", extra={"run_id": run_id, "version": version})
 
-    def _release(self, slot: _Slot) -> None:
+    def _release(self, reader: Reader) -> None:
         with self._cond:
+            if reader._closed:
+                return
+            reader._closed = True
+            slot = reader._slot
             slot.readers -= 1
             if slot.evicted and slot.readers == 0:
                 self._drop(slot.info.run_id, slot.info.version)
@@ -358,8 +360,9 @@ class DirectoryStore(WeightStore):
         return _map(final / "payload.bin", info.total_bytes), final
 
     def _discard(self, slot: _Slot) -> None:
-        if isinstance(slot.payload, mmap.mmap):
-            slot.payload.close()
+        # Dropping the map (not closing it) lets views a finishing stream still holds stay valid; it is
+        # unmapped when the last one goes, and POSIX keeps the deleted file's pages until then.
+        slot.payload = b""
         if slot.path is not None:
             shutil.rmtree(slot.path, ignore_errors=True)
 

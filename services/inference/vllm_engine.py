@@ -77,7 +77,7 @@ class VllmEngine(Engine):
         model_path: str | Path,
         *,
         version: int = 0,
-        dtype: str = "auto",
+        dtype: str | None = None,
         kv_cache_gib: float = 1.0,
         max_model_len: int | None = None,
         enforce_eager: bool = True,
@@ -86,10 +86,13 @@ class VllmEngine(Engine):
         super().__init__(model_path, version=version)
         configure_vllm_environment(kv_cache_gib)
         from vllm import AsyncEngineArgs
+        from vllm.platforms import current_platform
 
+        on_cpu = current_platform.is_cpu()
         self._args = AsyncEngineArgs(
             model=self.model_path,
-            dtype=dtype,
+            # vLLM on CPU would downcast fp32 checkpoints to bf16; Cadence keeps fp32 there (DESIGN.md §3).
+            dtype=dtype or ("float32" if on_cpu else "auto"),
             max_model_len=max_model_len,
             enforce_eager=enforce_eager,
             seed=seed,

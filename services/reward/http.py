@@ -147,14 +147,10 @@ def create_app(scorer: Scorer, keys: ApiKeys | None = None, *, max_body_bytes: i
         description="Math answers checked by math-verify, chat responses scored by a reward model.",
     )
     app.state.draining = False
-    bearer = HTTPBearer(auto_error=False, description="Required when the service is started with API keys.")
-
-    def authorize(credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]) -> None:
-        keys.check_token(credentials.credentials if credentials else None)
-
+    app.state.keys = keys
     _install_error_handlers(app)
     _install_metrics_middleware(app)
-    guarded = [Depends(authorize)]
+    guarded = [Depends(_authorize)]
 
     @app.post("/v1/score", dependencies=guarded, tags=["scoring"])
     def score(request: ScoreRequest) -> ScoreReply:
@@ -196,6 +192,13 @@ def create_app(scorer: Scorer, keys: ApiKeys | None = None, *, max_body_bytes: i
 
     app.add_middleware(BodyLimit, max_bytes=max_body_bytes)
     return app
+
+
+_BEARER = HTTPBearer(auto_error=False, description="Required when the service is started with API keys.")
+
+
+def _authorize(request: Request, credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_BEARER)]) -> None:
+    request.app.state.keys.check_token(credentials.credentials if credentials else None)
 
 
 def _score(scorer: Scorer, items: list[Item]) -> list[Result]:

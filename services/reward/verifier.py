@@ -118,8 +118,19 @@ def check(answer: str, reference: str) -> Verdict:
     return Verdict(0.0, "incorrect")
 
 
+def _die_with_parent() -> None:
+    """Linux: have the kernel kill this worker when its parent dies, even mid-computation in C code."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
 def _worker_main(conn: multiprocessing.connection.Connection) -> None:
     """Worker process: warm up, say ready, then answer (answer, reference) pairs until the pipe closes."""
+    _die_with_parent()
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     logging.getLogger("math_verify").setLevel(logging.ERROR)
     check("\\boxed{1}", "\\boxed{1}")
@@ -201,31 +212,31 @@ class MathVerifier:
             thread.start()
 
     def wait_ready(self, timeout: float = START_TIMEOUT_SECONDS) -> bool:
-        """Block until every worker process has started (True) or `timeout` passes (False)."""
+        """Block until every worker process runs (True) or `timeout` passes (False)."""
         deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.ready:
-                return True
+        while time.monotonic() < deadline and not self._all_alive():
             time.sleep(0.05)
-        return self.ready
+        return self._all_alive()
+
+    def _all_alive(self) -> bool:
+        return not self._closed and all(w is not None and w.process.is_alive() for w in self._workers)
 
     @property
     def ready(self) -> bool:
-        """Every driver thread runs and owns a live worker process."""
-        if self._closed:
+        """Every driver thread runs and at least one worker can take items (a replacement may be starting)."""
+        if self._closed or not all(thread.is_alive() for thread in self._threads):
             return False
-        workers_alive = all(w is not None and w.process.is_alive() for w in self._workers)
-        return workers_alive and all(t.is_alive() for t in self._threads)
+        return any(w is not None and w.process.is_alive() for w in self._workers)
 
     def submit(self, response: str, reference: str) -> Future[Verdict]:
         """Queue one item; the future resolves to its verdict (never raises for bad input)."""
+        if self._closed:
+            raise RuntimeError("MathVerifier is closed")
         future: Future[Verdict] = Future()
         answer = extract_answer(response)
         if answer is None:
             future.set_result(NO_ANSWER)
             return future
-        if self._closed:
-            raise RuntimeError("MathVerifier is closed")
         self._tasks.put(_Task(answer, wrap_reference(reference), future))
         return future
 

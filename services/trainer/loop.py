@@ -37,6 +37,7 @@ REJECTED = Counter("cadence_trainer_rejected_rollouts_total", "Rollouts refused 
 DUPLICATES = Counter("cadence_trainer_duplicate_rollouts_total", "Duplicate or late rollouts dropped")
 STEP_SECONDS = Gauge("cadence_trainer_step_seconds", "Wall time of the last step", ["phase"])
 HIST_BINS = 10
+MAX_ATTEMPTS = 3
 
 
 @dataclass
@@ -81,6 +82,8 @@ class TrainLoop:
         self.unacked: list[str] = []
         self.rejected = 0
         self.duplicates = 0
+        self.attempts: dict[str, int] = defaultdict(int)
+        self.given_up: dict[int, set[str]] = defaultdict(set)
         self.run_dir.mkdir(parents=True, exist_ok=True)
 
     def request_stop(self, reason: str) -> None:
@@ -187,7 +190,7 @@ class TrainLoop:
     def _collect(self, step: int) -> tuple[list[Group] | None, list[str]]:
         """Block until step `step`'s batch is complete (or a stop): its groups and entry ids."""
         want = self.config.batch_prompts
-        while len(self.buffer[step]) < want:
+        while len(self.buffer[step]) + len(self.given_up[step]) < want:
             if self.stop_requested.is_set():
                 return None, []
             self.feeder.top_up(step, self.status.version)
@@ -213,13 +216,23 @@ class TrainLoop:
             self._check(entry.message, target)
             group = self._group(entry.message)
         except (CadenceRuleViolation, InvalidRequest) as error:
-            log.error("rejected rollout %s (entry %s): %s", prompt_id, entry.id, error)
-            self.rejected += 1
-            REJECTED.inc()
-            self.unacked.append(entry.id)
-            self.feeder.requeue(rollout.prompt)
+            self._reject(entry.id, rollout.prompt, error)
             return
         self.buffer[target][prompt_id] = (entry.id, group)
+
+    def _reject(self, entry_id: str, prompt: common_pb2.Prompt, error: Exception) -> None:
+        """Count and log a bad rollout; re-enqueue its prompt, up to `MAX_ATTEMPTS` times per prompt, after
+        which the step goes on without it (a worker that keeps failing must not stall training)."""
+        log.error("rejected rollout %s (entry %s): %s", prompt.prompt_id, entry_id, error)
+        self.rejected += 1
+        REJECTED.inc()
+        self.unacked.append(entry_id)
+        self.attempts[prompt.prompt_id] += 1
+        if self.attempts[prompt.prompt_id] < MAX_ATTEMPTS:
+            self.feeder.requeue(prompt)
+        else:
+            log.error("giving up on prompt %s after %d bad rollouts", prompt.prompt_id, MAX_ATTEMPTS)
+            self.given_up[prompt.step].add(prompt.prompt_id)
 
     def _check(self, scored: common_pb2.ScoredRollout, step: int) -> None:
         lowest, highest = allowed_versions(self.config, step)
@@ -259,7 +272,7 @@ class TrainLoop:
         self, step: int, groups: list[Group], metrics: dict, wait: float, compute: float, publish: float, start: float
     ) -> None:
         rewards = [r for g in groups for r in g.rewards]
-        math = [r for g in groups if g.task == "math" for r in g.rewards]
+        math = [float(r >= 0.5) for g in groups if g.task == "math" for r in g.rewards]
         lengths = [len(c) for g in groups for c in g.completions]
         tokens = sum(len(g.prompt_ids) * len(g.completions) + sum(map(len, g.completions)) for g in groups)
         staleness = [step - g.version for g in groups]
@@ -267,12 +280,12 @@ class TrainLoop:
             "step": step,
             "version": self.status.version,
             **{k: metrics.get(k) for k in ("loss", "chosen_logps", "rejected_logps", "margin", "entropy")},
-            "reward_mean": sum(rewards) / len(rewards),
-            "accuracy": sum(r >= 0.5 for r in math) / len(math) if math else None,
-            "length_mean": sum(lengths) / len(lengths),
+            "reward_mean": _mean(rewards),
+            "accuracy": _mean(math),
+            "length_mean": _mean(lengths),
             "length_hist": _histogram(lengths, self.config.sampling.max_tokens),
-            "staleness_mean": sum(staleness) / len(staleness),
-            "staleness_max": max(staleness),
+            "staleness_mean": _mean(staleness),
+            "staleness_max": max(staleness, default=None),
             "pairs_kept": metrics.get("pairs_kept", 0),
             "pairs_skipped": metrics.get("pairs_skipped", 0),
             "rejected_rollouts": self.rejected,
@@ -299,7 +312,7 @@ class TrainLoop:
             STEP_SECONDS.labels(phase).set(row[f"time_{phase}"])
         self._write_meta()
         log.info(
-            "step %d loss %.4f reward %.3f pairs %s/%s wait %.2fs compute %.2fs",
+            "step %d loss %.4f reward %s pairs %s/%s wait %.2fs compute %.2fs",
             step,
             row["loss"] or 0.0,
             row["reward_mean"],
@@ -312,6 +325,10 @@ class TrainLoop:
     def _write_meta(self) -> None:
         fields = {"state": self.status.state, "step": self.status.step, "version": self.status.version}
         streams.write_meta(self.client, self.run_id, fields)
+
+
+def _mean(values: list[float] | list[int]) -> float | None:
+    return sum(values) / len(values) if values else None
 
 
 def _histogram(lengths: list[int], max_len: int) -> list[int]:

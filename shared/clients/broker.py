@@ -176,8 +176,8 @@ class BrokerClient(WeightTransport):
                 if error.code() not in _RETRYABLE:
                     raise self._error("Fetch", error) from None
                 failure = f"{error.code().name}: {error.details()}"
-            except errors.IntegrityError as error:
-                failure = str(error)  # a damaged chunk was refused: fetch again from the last verified one
+            except _DamagedChunk as error:
+                failure = str(error)  # refused: fetch again from the last verified chunk
             finally:
                 call.cancel()
             failures += 1
@@ -203,7 +203,10 @@ class BrokerClient(WeightTransport):
             return
         if state.assembler is None or message is None:
             raise errors.IntegrityError("the broker sent something other than the manifest and then data chunks")
-        state.assembler.add(message.data, message.offset)
+        try:
+            state.assembler.add(message.data, message.offset)
+        except errors.IntegrityError as error:
+            raise _DamagedChunk(str(error)) from error
         if state.assembler.complete:
             state.assembler.finish()
         yield from state.ready()
@@ -240,6 +243,10 @@ class BrokerClient(WeightTransport):
     def _error(self, method: str, error: grpc.RpcError) -> errors.CadenceError:
         cls = _ERRORS.get(error.code(), errors.CadenceError)
         return cls(f"broker {self.target} {method}: {error.details()}")
+
+
+class _DamagedChunk(errors.IntegrityError):
+    """A chunk failed verification on the way: worth fetching again (a bad manifest is not)."""
 
 
 class _Fetch:

@@ -28,6 +28,8 @@ def cached_build(name: str, build: Callable[[Path], None], force: bool = False) 
         build(work)
         if not (work / MARKER).is_file():
             raise RuntimeError(f"builder for {name} did not write {MARKER}")
+        for file in work.rglob("*"):
+            file.chmod(0o755 if file.is_dir() else 0o644)  # some writers create private (0600) files
         if target.exists():
             trash = Path(tempfile.mkdtemp(prefix=f".{name}-old-", dir=target.parent))
             target.rename(trash / name)

@@ -29,9 +29,9 @@ if TYPE_CHECKING:
 
 BATCH = 64
 LR = 1e-3
-MAX_STEPS = 400
+MAX_STEPS = 100
 CHECK_EVERY = 50
-TARGET = 0.95
+TARGET = 0.90
 NEGATIVES = ("wrong", "unboxed", "rambling")
 TRAIN_MIX = (0.6, 0.2, 0.2)
 """Share of each negative kind in training batches: the format negatives are learnt in a few steps,

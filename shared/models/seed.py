@@ -24,6 +24,7 @@ from cadence.models.cache import MARKER, cached_build
 from cadence.models.rm import build_tiny_rm
 from cadence.models.smollm2 import build_smollm2
 from cadence.models.toytrain import greedy_accuracy, progress, sft_tensors, torch_threads, toy_scores
+from cadence.tasks.problem import Problem
 from cadence.tasks.toy import load_toy, toy_target
 
 if TYPE_CHECKING:
@@ -41,6 +42,8 @@ CHECK_PROMPTS = 200
 STOP_AT, OVERSHOOT, CEILING = 0.20, 0.60, 0.80
 MAX_STEPS = 4000
 THREADS = 2
+Snapshot = tuple[Any, Any, Any, Any, int]
+"""Model, optimizer and schedule state, data-order RNG state, step."""
 
 
 def build_tiny(seed: int = 0, force: bool = False) -> Path:
@@ -77,7 +80,7 @@ def _build_tiny(out_dir: Path, seed: int) -> None:
     (out_dir / MARKER).write_text(json.dumps(record, indent=2) + "\n")
 
 
-def _sft(model: PreTrainedModel, tokenizer: Any, seed: int, test: list) -> tuple[int, float]:
+def _sft(model: PreTrainedModel, tokenizer: Any, seed: int, test: list[Problem]) -> tuple[int, float]:
     """Train until the stop rule holds; returns (steps taken, accuracy of the deciding check)."""
     import torch
 
@@ -107,7 +110,16 @@ def _sft(model: PreTrainedModel, tokenizer: Any, seed: int, test: list) -> tuple
     raise RuntimeError(f"tiny seed {seed} did not reach {STOP_AT:.0%} in {MAX_STEPS} steps; try another --seed")
 
 
-def _train_steps(model, optimizer, schedule, order, inputs, labels, count: int) -> None:
+def _train_steps(
+    model: Any,
+    optimizer: Any,
+    schedule: Any,
+    order: torch.Generator,
+    inputs: torch.Tensor,
+    labels: torch.Tensor,
+    count: int,
+) -> None:
+    """`count` SFT steps on random rows (drawn from `order`, so a restored generator replays them)."""
     import torch
 
     model.train()
@@ -127,7 +139,7 @@ def _train_steps(model, optimizer, schedule, order, inputs, labels, count: int) 
         schedule.step()
 
 
-def _snapshot(model, optimizer, schedule, order: torch.Generator, step: int) -> tuple:
+def _snapshot(model: Any, optimizer: Any, schedule: Any, order: torch.Generator, step: int) -> Snapshot:
     return (
         copy.deepcopy(model.state_dict()),
         copy.deepcopy(optimizer.state_dict()),
@@ -137,7 +149,7 @@ def _snapshot(model, optimizer, schedule, order: torch.Generator, step: int) -> 
     )
 
 
-def _restore(model, optimizer, schedule, order: torch.Generator, snapshot: tuple) -> int:
+def _restore(model: Any, optimizer: Any, schedule: Any, order: torch.Generator, snapshot: Snapshot) -> int:
     model_state, optimizer_state, schedule_state, order_state, step = snapshot
     model.load_state_dict(model_state)
     optimizer.load_state_dict(optimizer_state)

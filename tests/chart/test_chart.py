@@ -143,9 +143,14 @@ def test_every_container_is_hardened_sized_and_probed(rendered: dict[str, list[d
             assert {"startupProbe", "livenessProbe", "readinessProbe"} <= set(c), (workload, c["name"])
             mounts = {m["mountPath"] for m in c["volumeMounts"]}
             assert "/tmp" in mounts, f"{workload}: read-only root needs a writable /tmp"
-            if c["name"] in GRPC_PORTS:  # native gRPC probes on the grpc.health.v1 service
+            multi_node = c["name"] == "trainer" and name == "gpu-multi-node-trainer"
+            if c["name"] in GRPC_PORTS and not multi_node:  # native gRPC probes on the grpc.health.v1 service
                 for probe in ("startupProbe", "livenessProbe", "readinessProbe"):
                     assert c[probe]["grpc"] == {"port": GRPC_PORTS[c["name"]]}, (workload, probe)
+            if multi_node:  # only global rank 0 serves gRPC: pod 0 checks it, the others pass while alive
+                command = c["livenessProbe"]["exec"]["command"]
+                assert command[:2] == ["python", "-c"] and "CADENCE_NODE_RANK'] != '0' or wait_healthy(" in command[2]
+                assert "127.0.0.1:50054" in command[2]
             if c["name"] == "reward":
                 assert c["readinessProbe"]["httpGet"]["path"] == "/readyz"
 
@@ -173,6 +178,7 @@ def test_gpu_scenarios_request_gpus(rendered: dict[str, list[dict]]) -> None:
     assert trainer["spec"]["podManagementPolicy"] == "Parallel"
     main = container(trainer, "trainer")
     assert main["command"] == ["torchrun"] and "--nnodes=$(CADENCE_NNODES)" in main["args"]
+    assert main["args"][-2:] == ["-m", "cadence.trainer.main"]
     trainer_env = env(main)
     assert trainer_env["CADENCE_NNODES"] == "2" and trainer_env["CADENCE_NPROC_PER_NODE"] == "8"
     assert trainer_env["MASTER_ADDR"] == "rel-cadence-trainer-0.rel-cadence-trainer-headless.cadence.svc"
@@ -345,3 +351,17 @@ def test_inference_loads_models_from_a_pvc_or_a_seed_init_container(rendered: di
     main = next(c for c in gpu["containers"] if c["name"] == "inference")
     assert main["startupProbe"]["periodSeconds"] * main["startupProbe"]["failureThreshold"] >= 1800
     assert env(main)["CADENCE_MODEL"] == "/models/Qwen2.5-Math-1.5B" and env(main)["CADENCE_ENGINE"] == "vllm"
+
+
+def test_dashboard_ships_as_a_configmap(rendered: dict[str, list[dict]]) -> None:
+    configmap = find(rendered["gpu-multi-node-trainer"], "ConfigMap", "rel-cadence-dashboards")
+    assert configmap["metadata"]["labels"]["grafana_dashboard"] == "1"
+    shipped = json.loads(configmap["data"]["cadence.json"])
+    assert shipped == json.loads((CHART / "dashboards" / "cadence.json").read_text())
+
+
+def test_autostart_off_installs_an_idle_trainer(render_values) -> None:
+    trainer = find(render_values({"run": {"autostart": False}}), "StatefulSet", "rel-cadence-trainer")
+    annotations = trainer["metadata"]["annotations"]
+    assert trainer["spec"]["replicas"] == 0 and annotations["cadence.dev/run-state"] == "stopped"
+    assert annotations["cadence.dev/replicas"] == "1", "what `cadence k8s submit` scales back to"

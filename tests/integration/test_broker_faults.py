@@ -30,10 +30,11 @@ RUN = "run-f"
 
 
 class CuttingProxy:
-    """Forwards loopback TCP to `port`; cuts its first connection once `cut_after` bytes went `direction`."""
+    """Forwards loopback TCP to `port`; on its first connection, once `cut_after` bytes went `direction`,
+    cuts it, or with `flip=True` flips that byte (damage that TCP's checksums would not see) and goes on."""
 
-    def __init__(self, port: int, cut_after: int, direction: str) -> None:
-        self.port, self.cut_after, self.direction = port, cut_after, direction
+    def __init__(self, port: int, cut_after: int, direction: str, flip: bool = False) -> None:
+        self.port, self.cut_after, self.direction, self.flip = port, cut_after, direction, flip
         self.listener = socket.create_server(("127.0.0.1", 0))
         self.address = f"127.0.0.1:{self.listener.getsockname()[1]}"
         self.cuts = 0
@@ -60,14 +61,19 @@ class CuttingProxy:
                 daemon=True,
             ).start()
 
-    @staticmethod
-    def _pump(src: socket.socket, dst: socket.socket, budget: int | None, pair: tuple[socket.socket, ...]) -> None:
+    def _pump(
+        self, src: socket.socket, dst: socket.socket, budget: int | None, pair: tuple[socket.socket, ...]
+    ) -> None:
         sent = 0
         try:
             while budget is None or sent < budget:
                 data = src.recv(65536)
                 if not data:
                     break
+                if budget is not None and self.flip and sent <= budget < sent + len(data):
+                    data = bytearray(data)
+                    data[budget - sent] ^= 0xFF
+                    budget = None
                 dst.sendall(data)
                 sent += len(data)
         except OSError:
@@ -144,6 +150,19 @@ def test_fetch_resumes_after_the_connection_drops(broker: BrokerProcess) -> None
     assert broker.metric("cadence_broker_fetch_resumes_total") == 1
     sent = broker.metric("cadence_broker_bytes_out_total")
     assert info.total_bytes <= sent < 1.6 * info.total_bytes  # resumed from a chunk, not from scratch
+
+
+def test_a_chunk_damaged_in_transit_is_refused_and_fetched_again(broker: BrokerProcess) -> None:
+    weights = state(4)
+    with BrokerClient(broker.target, RUN) as direct:
+        info = direct.publish(weights, version=4)
+    proxy = CuttingProxy(broker.port, cut_after=info.total_bytes // 2 + 12345, direction="down", flip=True)
+    try:
+        with BrokerClient(proxy.address, RUN, backoff=0.05) as client:
+            assert bit_exact(client.fetch(4), weights)
+    finally:
+        proxy.close()
+    assert broker.metric("cadence_broker_fetch_resumes_total") == 1
 
 
 def test_publisher_cut_midway_leaves_nothing_visible(broker: BrokerProcess) -> None:

@@ -111,7 +111,7 @@ def run_config(**fields: Any) -> RunConfig:
         "batch_prompts": 2,
         "sync_every": 2,
         "max_inflight": 2,
-        "sampling": {"n": 4, "max_tokens": 8},
+        "sampling": {"n": 4, "max_tokens": 14},
         "optimizer": {"lr": 1e-3},
         "tasks": [{"name": "toy", "limit": 50}],
     }
@@ -146,7 +146,7 @@ def test_semi_online_s2_trains_only_on_rule_versions(
     assert {(step, min_version) for step, min_version, _ in generator.seen} == {(0, 0), (1, 0), (2, 2), (3, 2)}
     assert all(latest >= min_version for _, min_version, latest in generator.seen)
     metrics = read_jsonl(tmp_path / "metrics.jsonl")
-    assert METRIC_KEYS <= set(metrics[-1])
+    assert set(metrics[-1]) >= METRIC_KEYS
     assert metrics[-1]["rejected_rollouts"] == 1 and metrics[1]["rejected_rollouts"] == 0
     assert [m["version"] for m in metrics] == [0, 2, 2, 4]
     assert metrics[0]["accuracy"] == 0.5 and metrics[0]["pairs_kept"] == 2

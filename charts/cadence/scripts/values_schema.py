@@ -145,8 +145,8 @@ def leaf_rows(values: dict[str, Any], docs: dict[tuple[str, ...], Doc], path=())
 def render_table(rows: list[tuple]) -> str:
     lines = ["| Key | Type | Default | Description |", "|---|---|---|---|"]
     for key, kind, default, text in rows:
-        shown = default if len(default) <= 60 else "see values.yaml"
-        lines.append(f"| `{key}` | {kind} | `{shown.replace('|', '¦')}` | {text.replace('|', '¦')} |")
+        shown = f"`{default.replace('|', '¦')}`" if len(default) <= 60 else "see values.yaml"
+        lines.append(f"| `{key}` | {kind} | {shown} | {text.replace('|', '¦')} |")
     return "\n".join(lines)
 
 

@@ -161,6 +161,33 @@ readinessProbe:
 {{- end }}
 
 {{/*
+cadence.rankZeroProbes: probes for a multi-node trainer. Only global rank 0 (on pod 0) serves gRPC, so
+pod 0 checks grpc.health.v1 and the other pods pass while their torchrun lives (torchrun exits, and the
+container restarts, when a rank dies). Call with (dict "port" 50054 "startup" .Values.trainer.startupProbe).
+*/}}
+{{- define "cadence.rankZeroProbes" -}}
+{{- $check := list "python" "-c" (printf "import os; from cadence.grpc import wait_healthy; os.environ['CADENCE_NODE_RANK'] != '0' or wait_healthy('127.0.0.1:%d', timeout=4)" (int .port)) }}
+startupProbe:
+  exec:
+    command: {{ toJson $check }}
+  periodSeconds: {{ .startup.periodSeconds | default 5 }}
+  failureThreshold: {{ .startup.failureThreshold | default 60 }}
+  timeoutSeconds: 8
+livenessProbe:
+  exec:
+    command: {{ toJson $check }}
+  periodSeconds: 30
+  timeoutSeconds: 8
+  failureThreshold: 3
+readinessProbe:
+  exec:
+    command: {{ toJson $check }}
+  periodSeconds: 15
+  timeoutSeconds: 8
+  failureThreshold: 3
+{{- end }}
+
+{{/*
 cadence.resources: a container's resources with `gpus` GPUs added to requests and limits under
 gpu.resourceName. Call with (dict "root" $ "values" .Values.inference "name" "inference").
 */}}

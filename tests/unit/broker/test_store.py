@@ -86,10 +86,12 @@ def test_a_version_being_read_outlives_eviction(make_store: Callable[..., Weight
     assert [info.version for info in store.versions()] == [2]
     with pytest.raises(VersionNotFound):
         store.open("run-a", 1)
-    assert bytes(reader.payload[:]) == bytes(first.payload)  # still intact while held
+    view = memoryview(reader.payload)  # as a fetch stream holds it
+    assert bytes(view) == bytes(first.payload)  # still intact while held
     assert store.stats().stored_bytes == 2 * len(first.payload)
     reader.close()
     reader.close()  # idempotent
+    assert bytes(view[:64]) == bytes(first.payload[:64])  # a view outliving the reader stays valid
     assert store.stats().stored_bytes == len(first.payload)
     assert store.stats().active_reads == 0
 

@@ -127,7 +127,26 @@ def test_submit_refuses_while_another_run_trains(api, clients, render, serve_rel
 
 
 def test_submit_of_a_known_run_id_needs_replace(api, clients, render, serve_release) -> None:
-    serve_release(render({"run": {"autostart": False}}))
+    """The chart's own run counts: resubmitting `toy-dpo` would reuse that run's streams."""
+    objects = render({"run": {"autostart": False}})
+    serve_release(objects)
+    with pytest.raises(Conflict, match=r"'toy-dpo' was already submitted .*configmap/rel-cadence-run;"):
+        k8s.submit(clients, _config("toy-dpo"), NAMESPACE)
+    assert api.writes() == []
+
+    api.route("PUT", f"{CONFIGMAPS}/rel-cadence-run", objects[("ConfigMap", "rel-cadence-run")])
+    result = k8s.submit(clients, _config("toy-dpo"), NAMESPACE, replace=True)
+    put, trainer = api.writes()[:2]
+    assert (put.method, put.path, put.body["metadata"]["name"]) == (
+        "PUT",
+        f"{CONFIGMAPS}/rel-cadence-run",
+        "rel-cadence-run",
+    )
+    assert result.configmap == "rel-cadence-run"
+    assert {"name": "run-config", "configMap": {"name": "rel-cadence-run"}} in trainer.body["spec"]["template"]["spec"][
+        "volumes"
+    ]
+
     exists = {
         "kind": "Status",
         "apiVersion": "v1",
@@ -136,14 +155,9 @@ def test_submit_of_a_known_run_id_needs_replace(api, clients, render, serve_rele
         "code": 409,
         "message": 'configmaps "rel-cadence-run-math-s4" already exists',
     }
-    api.route("POST", CONFIGMAPS, exists, 409)
-    with pytest.raises(Conflict, match=r"already submitted .* pick a new run_id or pass --replace"):
+    api.route("POST", CONFIGMAPS, exists, 409)  # a submit racing ours
+    with pytest.raises(Conflict, match=r"create ConfigMap rel-cadence-run-math-s4: .* already exists"):
         k8s.submit(clients, _config(), NAMESPACE)
-    assert [r.method for r in api.writes()] == ["POST"]
-
-    api.route("PUT", f"{CONFIGMAPS}/rel-cadence-run-math-s4", {"kind": "ConfigMap", "apiVersion": "v1", "metadata": {}})
-    k8s.submit(clients, _config(), NAMESPACE, replace=True)
-    assert [r.method for r in api.writes()][1:3] == ["POST", "PUT"]
 
 
 def test_submit_repoints_keda_at_the_new_streams(api, clients, render, serve_release) -> None:
@@ -184,6 +198,12 @@ def test_logs_read_the_pods_of_the_run(api, clients, render, serve_release) -> N
     assert lines == ["[rel-cadence-trainer-0] step 1 loss 0.69", "[rel-cadence-trainer-0] step 2 loss 0.61"]
     log_request = api.requests[-1]
     assert log_request.query == {"container": ["trainer"], "tailLines": ["50"]}
+    followed = list(k8s.logs(clients, "toy-dpo", NAMESPACE, tail=5, follow=True))
+    assert followed == lines and api.requests[-1].query == {
+        "container": ["trainer"],
+        "follow": ["true"],
+        "tailLines": ["5"],
+    }
     with pytest.raises(InvalidRequest, match="--service must be one of"):
         list(k8s.logs(clients, "toy-dpo", NAMESPACE, service="redis"))
 
@@ -261,3 +281,49 @@ def test_cli_uses_the_kubeconfig(api, tmp_path: Path, render, serve_release) -> 
     done = subprocess.run([*cli, "submit", str(bad)], env=env, capture_output=True, text=True, timeout=60, cwd=REPO)
     assert done.returncode == 2 and "sync_every" in done.stderr
     assert not any(r.method == "POST" for r in api.requests)  # refused before any cluster call
+
+
+def _rbac_need(method: str, path: str) -> tuple[str, str, str]:
+    """(apiGroup, resource, verb) that the API server authorizes for one request."""
+    parts = path.strip("/").split("/")
+    group, rest = ("", parts[2:]) if parts[0] == "api" else (parts[1], parts[3:])
+    resource, named = rest[2], len(rest) > 3
+    if len(rest) > 4:
+        resource = f"{resource}/{rest[4]}"
+    verb = {"POST": "create", "PUT": "update", "PATCH": "patch"}.get(method, "get" if named else "list")
+    return group, resource, verb
+
+
+def test_the_submitter_role_covers_every_call(api, clients, render, serve_release) -> None:
+    """Run every command against the rendered release; the chart's submitter Role must allow each request."""
+    objects = render({"run": {"autostart": False}, "keda": {"enabled": True}, "submitterRole": {"create": True}})
+    serve_release(objects)
+    api.route("POST", CONFIGMAPS, {"kind": "ConfigMap", "apiVersion": "v1", "metadata": {}}, 201)
+    k8s.submit(clients, _config(), NAMESPACE)
+    trainer = objects[("StatefulSet", "rel-cadence-trainer")]
+    trainer["metadata"]["annotations"][k8s.RUN_ID] = "math-s4"
+    configmap = {
+        "kind": "ConfigMap",
+        "apiVersion": "v1",
+        "data": {},
+        "metadata": {
+            "name": "rel-cadence-run-math-s4",
+            "labels": {**trainer["metadata"]["labels"], "app.kubernetes.io/component": "run", k8s.RUN_CONFIG: "true"},
+            "annotations": {k8s.RUN_ID: "math-s4"},
+        },
+    }
+    serve_release({**objects, ("ConfigMap", "rel-cadence-run-math-s4"): configmap})
+    api.route("GET", PODS, as_list("Pod", [_pod("rel-cadence-trainer-0", "trainer", "math-s4")]))
+    api.route("GET", f"{PODS}/rel-cadence-trainer-0/log", "ok\n")
+    api.route("PATCH", f"{CONFIGMAPS}/rel-cadence-run-math-s4", configmap)
+    k8s.status(clients, "math-s4", NAMESPACE)
+    assert list(k8s.logs(clients, "math-s4", NAMESPACE)) == ["[rel-cadence-trainer-0] ok"]
+    k8s.stop(clients, "math-s4", NAMESPACE)
+
+    role = objects[("Role", "rel-cadence-submitter")]
+    allowed = {
+        (g, r, v) for rule in role["rules"] for g in rule["apiGroups"] for r in rule["resources"] for v in rule["verbs"]
+    }
+    needed = {_rbac_need(r.method, r.path) for r in api.requests}
+    assert needed - allowed == set()
+    assert {("apps", "statefulsets", "patch"), ("keda.sh", "scaledobjects", "patch"), ("", "pods/log", "get")} <= needed

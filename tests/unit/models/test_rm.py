@@ -30,6 +30,7 @@ def test_rm_input_is_the_chat_template_rendering() -> None:
     assert ids == [*tokenizer(problem.text + " \\boxed{1}").input_ids, tokenizer.eos_token_id]
 
 
+@pytest.mark.slow  # builds tiny-rm on first use: 100 Bradley-Terry steps, over a minute on 2 busy cores
 def test_rm_ranks_correct_above_incorrect_on_fresh_heldout_pairs(tiny_rm_dir: Path) -> None:
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 

@@ -44,3 +44,16 @@ def test_overlong_inputs_are_cut_on_the_left(rm: RewardModel) -> None:
     assert len(ids[0]) == rm.max_length
     assert rm.tokenizer.decode(ids[0][-1:]) == "</s>"
     assert rm.score([]) == []
+
+
+def test_the_tiny_seed_rm_prefers_correct_concise_answers() -> None:
+    """The RM path end to end on `cadence seed-model tiny-rm` (built once, cached under CADENCE_HOME)."""
+    from cadence.models.seed import build_tiny_rm
+
+    torch.set_num_threads(1)
+    rm = RewardModel(str(build_tiny_rm()), device="cpu")
+    prompts = [f"What is {a}+{b}?" for a, b in ((12, 30), (7, 8), (45, 45), (3, 96))]
+    answers = [42, 15, 90, 99]
+    good = rm.score([(p, f" \\boxed{{{n}}}") for p, n in zip(prompts, answers, strict=True)])
+    unboxed = rm.score([(p, f" {n}") for p, n in zip(prompts, answers, strict=True)])
+    assert sum(g > u for g, u in zip(good, unboxed, strict=True)) >= 3

@@ -1,0 +1,218 @@
+"""Typed client of the reward service's HTTP API, sync (`RewardClient`) and async (`AsyncRewardClient`).
+
+Each call has one deadline (`timeout` seconds, retries included). 429 (honouring `Retry-After`), 5xx and
+connection failures are retried with exponential backoff; other failures raise the matching
+`cadence.errors` type with the service's message (which says how to fix the request).
+
+    with RewardClient("http://127.0.0.1:8000", api_key="...") as client:
+        client.score([ScoreItem(response="... \\boxed{4}", reference="4")])[0].reward   # 1.0
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING, Any
+
+from cadence.errors import (
+    CadenceError,
+    InvalidRequest,
+    NotReady,
+    Overloaded,
+    PermissionDenied,
+    TooLarge,
+    Unauthenticated,
+)
+
+if TYPE_CHECKING:
+    import httpx
+
+_ERRORS: dict[int, type[CadenceError]] = {
+    401: Unauthenticated,
+    403: PermissionDenied,
+    413: TooLarge,
+    422: InvalidRequest,
+    429: Overloaded,
+    503: NotReady,
+}
+_RETRY_STATUS = {429, 500, 502, 503, 504}
+
+
+@dataclass(frozen=True)
+class ScoreItem:
+    """One thing to score; `reference` (the gold answer) is required for `math`."""
+
+    response: str
+    reference: str = ""
+    prompt: str = ""
+    task: str = "math"
+
+
+@dataclass(frozen=True)
+class ScoreResult:
+    reward: float
+    reason: str
+    task: str
+    scorer_version: str
+
+
+def _error(response: httpx.Response) -> CadenceError:
+    try:
+        message = response.json().get("message") or response.text
+    except ValueError:
+        message = response.text
+    cls = _ERRORS.get(response.status_code, CadenceError)
+    if cls is Overloaded:
+        return Overloaded(f"HTTP 429: {message}", retry_after=_retry_after(response, 1.0))
+    return cls(f"HTTP {response.status_code}: {message}")
+
+
+def _retry_after(response: httpx.Response, default: float) -> float:
+    try:
+        return max(0.0, float(response.headers.get("Retry-After", default)))
+    except ValueError:
+        return default
+
+
+class _Policy:
+    """Shared retry arithmetic of both clients."""
+
+    def __init__(self, timeout: float, retries: int, backoff: float) -> None:
+        self.timeout, self.retries, self.backoff = timeout, retries, backoff
+
+    def pause(self, attempt: int, response: httpx.Response | None, deadline: float) -> float | None:
+        """Seconds to wait before the next attempt, or None when out of attempts or time."""
+        if attempt >= self.retries:
+            return None
+        delay = self.backoff * 2**attempt
+        if response is not None and response.status_code == 429:
+            delay = max(delay, _retry_after(response, delay))
+        return delay if time.monotonic() + delay < deadline else None
+
+
+def _headers(api_key: str | None) -> dict[str, str]:
+    return {"Authorization": f"Bearer {api_key}"} if api_key else {}
+
+
+def _results(body: dict[str, Any]) -> list[ScoreResult]:
+    return [ScoreResult(**result) for result in body["results"]]
+
+
+class RewardClient:
+    """Blocking client; thread-safe (one connection pool)."""
+
+    def __init__(
+        self,
+        base_url: str,
+        *,
+        api_key: str | None = None,
+        timeout: float = 60.0,
+        retries: int = 4,
+        backoff: float = 0.25,
+    ) -> None:
+        import httpx
+
+        self._httpx = httpx
+        self._policy = _Policy(timeout, retries, backoff)
+        self._client = httpx.Client(base_url=base_url, headers=_headers(api_key), timeout=timeout)
+
+    def score(self, items: Sequence[ScoreItem]) -> list[ScoreResult]:
+        """Results in the order of `items`."""
+        return _results(self.post("/v1/score", {"items": [asdict(item) for item in items]}))
+
+    def ready(self) -> bool:
+        try:
+            return self._client.get("/readyz", timeout=5.0).status_code == 200
+        except self._httpx.HTTPError:
+            return False
+
+    def post(self, path: str, payload: dict[str, Any]) -> dict[str, Any]:
+        """POST JSON with the retry policy; the decoded reply, or the typed error."""
+        deadline = time.monotonic() + self._policy.timeout
+        attempt = 0
+        while True:
+            response, failure = None, None
+            try:
+                remaining = max(0.001, deadline - time.monotonic())
+                response = self._client.post(path, json=payload, timeout=remaining)
+                if response.status_code < 400:
+                    return response.json()
+                failure = _error(response)
+                if response.status_code not in _RETRY_STATUS:
+                    raise failure
+            except self._httpx.TransportError as error:
+                failure = NotReady(f"reward service unreachable at {self._client.base_url}: {error!r}")
+            delay = self._policy.pause(attempt, response, deadline)
+            if delay is None:
+                raise failure
+            time.sleep(delay)
+            attempt += 1
+
+    def close(self) -> None:
+        self._client.close()
+
+    def __enter__(self) -> RewardClient:
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.close()
+
+
+class AsyncRewardClient:
+    """The asyncio twin of `RewardClient`."""
+
+    def __init__(
+        self,
+        base_url: str,
+        *,
+        api_key: str | None = None,
+        timeout: float = 60.0,
+        retries: int = 4,
+        backoff: float = 0.25,
+    ) -> None:
+        import httpx
+
+        self._httpx = httpx
+        self._policy = _Policy(timeout, retries, backoff)
+        self._client = httpx.AsyncClient(base_url=base_url, headers=_headers(api_key), timeout=timeout)
+
+    async def score(self, items: Sequence[ScoreItem]) -> list[ScoreResult]:
+        return _results(await self.post("/v1/score", {"items": [asdict(item) for item in items]}))
+
+    async def ready(self) -> bool:
+        try:
+            return (await self._client.get("/readyz", timeout=5.0)).status_code == 200
+        except self._httpx.HTTPError:
+            return False
+
+    async def post(self, path: str, payload: dict[str, Any]) -> dict[str, Any]:
+        deadline = time.monotonic() + self._policy.timeout
+        attempt = 0
+        while True:
+            response, failure = None, None
+            try:
+                remaining = max(0.001, deadline - time.monotonic())
+                response = await self._client.post(path, json=payload, timeout=remaining)
+                if response.status_code < 400:
+                    return response.json()
+                failure = _error(response)
+                if response.status_code not in _RETRY_STATUS:
+                    raise failure
+            except self._httpx.TransportError as error:
+                failure = NotReady(f"reward service unreachable at {self._client.base_url}: {error!r}")
+            delay = self._policy.pause(attempt, response, deadline)
+            if delay is None:
+                raise failure
+            await asyncio.sleep(delay)
+            attempt += 1
+
+    async def aclose(self) -> None:
+        await self._client.aclose()
+
+    async def __aenter__(self) -> AsyncRewardClient:
+        return self
+
+    async def __aexit__(self, *_: object) -> None:
+        await self.aclose()

@@ -1,0 +1,84 @@
+"""`cadence serve trainer` as a real process: run meta in Redis, gRPC Status and Stop, checkpoint on stop."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import yaml
+from transformers import AutoTokenizer
+
+from cadence import streams
+from cadence.config import load_run_config
+from cadence.grpc import channel, wait_healthy
+from cadence.net import free_port
+from cadence.v1 import trainer_pb2, trainer_pb2_grpc
+
+from .test_trainer_loop import Generator, broker_target  # noqa: F401  (the broker fixture)
+
+
+@pytest.fixture
+def trainer_process(
+    redis_url: str,
+    broker_target: str,  # noqa: F811
+    untrained_tiny_model_dir: Path,
+    tmp_path: Path,
+) -> Iterator[tuple[subprocess.Popen, str]]:
+    config = {
+        "run_id": "svc",
+        "model": {"path": str(untrained_tiny_model_dir)},
+        "steps": 200,
+        "batch_prompts": 2,
+        "sync_every": 1,
+        "sampling": {"n": 2, "max_tokens": 14},
+        "tasks": [{"name": "toy", "limit": 20}],
+    }
+    (tmp_path / "run.yaml").write_text(yaml.safe_dump(config))
+    port = free_port()
+    args = [sys.executable, "-m", "cadence.cli", "serve", "trainer", "--config", str(tmp_path / "run.yaml")]
+    args += ["--grpc-port", str(port), "--broker-addr", broker_target, "--redis-url", redis_url]
+    args += ["--run-dir", str(tmp_path / "run"), "--host", "127.0.0.1"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    yield proc, f"127.0.0.1:{port}"
+    if proc.poll() is None:
+        proc.kill()
+        proc.wait()
+
+
+def test_serve_reports_status_and_stops_cleanly(
+    trainer_process: tuple[subprocess.Popen, str],
+    redis_url: str,
+    broker_target: str,  # noqa: F811
+    untrained_tiny_model_dir: Path,
+    tmp_path: Path,
+) -> None:
+    proc, target = trainer_process
+    generator = Generator(redis_url, "svc", broker_target, AutoTokenizer.from_pretrained(untrained_tiny_model_dir))
+    generator.start()
+    try:
+        wait_healthy(target, timeout=120)
+        with channel(target) as chan:
+            stub = trainer_pb2_grpc.TrainerStub(chan)
+            deadline = time.monotonic() + 60
+            while (status := stub.Status(trainer_pb2.TrainerStatusRequest())).step < 3:
+                assert time.monotonic() < deadline, "no progress"
+                time.sleep(0.2)
+            assert status.run_id == "svc" and status.total_steps == 200 and status.state == "training"
+            assert status.version >= 2 and "loss" in status.metrics
+            stub.Stop(trainer_pb2.StopRequest(reason="test"))
+        output, _ = proc.communicate(timeout=60)
+    finally:
+        generator.stop()
+    assert proc.returncode == 0, output[-3000:]
+    meta = streams.read_meta(streams.connect(redis_url), "svc")
+    assert meta["state"] == "stopped"
+    assert load_run_config(tmp_path / "run.yaml").model_dump(mode="json") == yaml.safe_load(meta["config"])
+    run_dir = tmp_path / "run"
+    assert (run_dir / "checkpoints" / "latest").read_text() == f"step-{meta['step']}"
+    assert len((run_dir / "ledger.jsonl").read_text().splitlines()) == int(meta["step"])
