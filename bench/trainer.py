@@ -118,7 +118,7 @@ def main() -> None:
         from cadence.models.seed import build_smollm2
 
         smol = build_smollm2()
-        rows += compare("SmolLM2-135M", smol, make_groups(4, 48, 64, 49152), max(3, args.steps // 3))
+        rows += compare("SmolLM2-135M", smol, make_groups(4, 32, 32, 49152), max(3, args.steps // 3))
     print_table(rows)
     print(f"recorded in {record('trainer', rows)}")
 

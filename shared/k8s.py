@@ -299,7 +299,15 @@ def _store_configmap(clients: Clients, rel: Release, body: Any, replace: bool) -
         with _api(f"create ConfigMap {body.metadata.name}"):
             clients.core.create_namespaced_config_map(rel.namespace, body)
         return body.metadata.name
-    body.metadata.name = existing.metadata.name
+    # Keep what others own on the object (Helm's ownership labels and annotations) and its resourceVersion,
+    # so `helm upgrade` still adopts it and a concurrent change makes this replace fail instead of vanish.
+    keep = existing.metadata
+    managed_by = (keep.labels or {}).get("app.kubernetes.io/managed-by")
+    body.metadata.labels = {**(keep.labels or {}), **body.metadata.labels}
+    if managed_by:
+        body.metadata.labels["app.kubernetes.io/managed-by"] = managed_by
+    body.metadata.annotations = {**(keep.annotations or {}), **body.metadata.annotations}
+    body.metadata.name, body.metadata.resource_version = keep.name, keep.resource_version
     with _api(f"replace ConfigMap {body.metadata.name}"):
         clients.core.replace_namespaced_config_map(body.metadata.name, rel.namespace, body)
     return body.metadata.name

@@ -80,17 +80,27 @@ def pack(
     for spec, tensor in zip(specs, state_dict.values(), strict=True):
         if spec.nbytes:
             flat = tensor.detach().to("cpu").contiguous().reshape(-1)
-            view[spec.offset : spec.offset + spec.nbytes] = flat.view(_byte_dtype()).numpy().tobytes()
+            view[spec.offset : spec.offset + spec.nbytes] = flat.view(_byte_dtype()).numpy()  # the one copy
+    chunk_digests = [hashlib.sha256(view[a : a + chunk_bytes]).hexdigest() for a in range(0, offset, chunk_bytes)]
     manifest = common_pb2.WeightManifest(
         run_id=run_id,
         version=version,
         tensors=specs,
         total_bytes=offset,
         chunk_size=chunk_bytes,
-        chunk_sha256=[hashlib.sha256(view[a : a + chunk_bytes]).hexdigest() for a in range(0, offset, chunk_bytes)],
-        sha256=hashlib.sha256(payload).hexdigest(),
+        chunk_sha256=chunk_digests,
+        sha256=payload_digest(chunk_digests),
     )
     return Packed(manifest, payload)
+
+
+def payload_digest(chunk_digests: list[str]) -> str:
+    """The whole payload's digest: sha256 of its chunk digests, concatenated as bytes.
+
+    A two-level hash: each chunk's digest covers its bytes (checked as each chunk arrives), and this one
+    binds the chunks' order and count, so the payload is hashed once rather than twice on every hop.
+    """
+    return hashlib.sha256(b"".join(bytes.fromhex(d) for d in chunk_digests)).hexdigest()
 
 
 def _byte_dtype() -> torch.dtype:
@@ -135,6 +145,8 @@ def validate_manifest(manifest: common_pb2.WeightManifest, max_total_bytes: int 
     for digest in [*manifest.chunk_sha256, manifest.sha256]:
         if not _HEX64.fullmatch(digest):
             raise InvalidRequest(f"digest {digest[:80]!r} is not a lowercase hex sha256")
+    if payload_digest(list(manifest.chunk_sha256)) != manifest.sha256:
+        raise InvalidRequest("manifest.sha256 is not the sha256 of its chunk digests; the manifest is corrupt")
 
 
 def _validate_tensors(manifest: common_pb2.WeightManifest) -> None:
@@ -161,11 +173,22 @@ def _validate_tensors(manifest: common_pb2.WeightManifest) -> None:
         raise InvalidRequest(f"manifest.total_bytes is {manifest.total_bytes} but the tensors span {offset} bytes")
 
 
+def verify_payload(manifest: common_pb2.WeightManifest, payload: bytes | bytearray | memoryview) -> None:
+    """Raise `IntegrityError` unless `payload` has the manifest's size and every chunk matches its digest."""
+    view = memoryview(payload)
+    if len(view) != manifest.total_bytes:
+        raise IntegrityError(f"payload has {len(view)} bytes; the manifest describes {manifest.total_bytes}")
+    size = manifest.chunk_size
+    for index, start in enumerate(range(0, manifest.total_bytes, size)):
+        if hashlib.sha256(view[start : start + size]).hexdigest() != manifest.chunk_sha256[index]:
+            raise IntegrityError(f"chunk {index} (bytes {start}..{start + size}) does not match its sha256")
+
+
 def iter_chunks(
     manifest: common_pb2.WeightManifest, payload: bytes | bytearray | memoryview, offset: int = 0
 ) -> Iterator[common_pb2.WeightChunk]:
     """The manifest, then the data chunks from byte `offset` (a chunk boundary) on."""
-    if offset % manifest.chunk_size or offset > manifest.total_bytes:
+    if (offset % manifest.chunk_size and offset != manifest.total_bytes) or offset > manifest.total_bytes:
         raise InvalidRequest(
             f"offset {offset} is not a chunk boundary of this version (chunk size {manifest.chunk_size}, "
             f"{manifest.total_bytes} bytes); resume from a multiple of the chunk size"
@@ -189,8 +212,6 @@ class Assembler:
         if len(self.buffer) != manifest.total_bytes or offset % manifest.chunk_size:
             raise InvalidRequest("resume buffer must be total_bytes long and offset a chunk boundary")
         self.received = offset
-        # The whole digest grows with each chunk, so it overlaps the transfer instead of following it.
-        self._whole = hashlib.sha256(memoryview(self.buffer)[:offset])
 
     @property
     def complete(self) -> bool:
@@ -212,18 +233,12 @@ class Assembler:
                 f"expected {self.manifest.chunk_sha256[index][:16]}…, got {digest[:16]}…; corrupted, send it again"
             )
         self.buffer[offset : offset + len(data)] = data
-        self._whole.update(data)
         self.received += len(data)
 
     def finish(self) -> bytearray:
-        """The verified payload; raise `IntegrityError` if incomplete or the whole digest differs."""
+        """The verified payload (every chunk matched its digest, and the manifest binds the digests)."""
         if not self.complete:
             raise IntegrityError(f"payload incomplete: {self.received} of {self.manifest.total_bytes} bytes received")
-        digest = self._whole.hexdigest()
-        if digest != self.manifest.sha256:
-            raise IntegrityError(
-                f"payload sha256 {digest[:16]}… differs from the manifest's {self.manifest.sha256[:16]}…"
-            )
         return self.buffer
 
 

@@ -14,8 +14,8 @@ from dataclasses import dataclass
 
 from google.protobuf.message import DecodeError
 
-from cadence.errors import InvalidRequest
 from cadence.v1 import common_pb2
+from cadence.weights import iter_chunks
 
 _DATA_TAG = 0x12  # field 2, length-delimited
 _OFFSET_TAG = 0x18  # field 3, varint
@@ -61,12 +61,8 @@ def iter_frames(
     manifest: common_pb2.WeightManifest, payload: bytes | bytearray | memoryview, offset: int = 0
 ) -> Iterator[common_pb2.WeightChunk | bytes]:
     """Like `cadence.weights.iter_chunks`: the manifest, then framed data chunks from `offset` on."""
-    if offset % manifest.chunk_size or offset > manifest.total_bytes:
-        raise InvalidRequest(
-            f"offset {offset} is not a chunk boundary of this version (chunk size {manifest.chunk_size}, "
-            f"{manifest.total_bytes} bytes); resume from a multiple of the chunk size"
-        )
-    yield common_pb2.WeightChunk(manifest=manifest)
+    # iter_chunks checks the offset before its first item, the manifest; its copying chunks are never drawn.
+    yield next(iter_chunks(manifest, payload, offset))
     view = memoryview(payload)
     for start in range(offset, manifest.total_bytes, manifest.chunk_size):
         yield frame(view[start : start + manifest.chunk_size], start)

@@ -11,7 +11,6 @@ Pure logic: no gRPC. `cadence.broker.server` is the transport around it.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import mmap
 import os
@@ -37,7 +36,7 @@ from cadence.errors import (
 )
 from cadence.logging import get_logger
 from cadence.v1.common_pb2 import VersionInfo, WeightManifest
-from cadence.weights import validate_manifest, version_info
+from cadence.weights import validate_manifest, verify_payload, version_info
 
 log = get_logger(__name__)
 
@@ -389,8 +388,7 @@ class DirectoryStore(WeightStore):
             payload = _map(path / "payload.bin", manifest.total_bytes)
             if (manifest.run_id, f"v{manifest.version:012d}") != (run_id, path.name):
                 raise InvalidRequest(f"manifest names run {manifest.run_id!r} version {manifest.version}")
-            if len(payload) != manifest.total_bytes or hashlib.sha256(payload).hexdigest() != manifest.sha256:
-                raise InvalidRequest("payload size or sha256 does not match the manifest")
+            verify_payload(manifest, payload)
         except Exception as error:
             log.warning("discarding an unreadable stored version", extra={"path": str(path), "error": str(error)})
             shutil.rmtree(path, ignore_errors=True)

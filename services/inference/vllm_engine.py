@@ -55,7 +55,25 @@ class WeightLoaderExtension:
                 yield name, flat.reshape(shape)
 
         self.reload_weights(weights_iterator=weights())  # type: ignore[attr-defined]
+        _reprocess_tied_layers(self.model_runner.get_model())  # type: ignore[attr-defined]
         return len(tensors)
+
+
+def _reprocess_tied_layers(model: Any) -> None:
+    """Re-run weight post-processing on layers that share their weight with another (tied embeddings).
+
+    A reload gives `lm_head` no tensor of its own (the checkpoint has none), so vLLM restores its processed
+    kernel from before — on CPU a packed copy of the *old* embedding — and logits would use stale weights.
+    """
+    owners: dict[int, list[Any]] = {}
+    for module in model.modules():
+        weight = getattr(module, "weight", None)
+        if weight is not None and getattr(module, "quant_method", None) is not None:
+            owners.setdefault(id(weight), []).append(module)
+    for modules in owners.values():
+        if len(modules) > 1:
+            for module in modules:
+                module.quant_method.process_weights_after_loading(module)
 
 
 def to_wire(name: str, tensor: torch.Tensor) -> WireTensor:

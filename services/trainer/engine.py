@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from cadence.config import RunConfig
+from cadence.config import DPOConfig, RunConfig
 from cadence.errors import ConfigError
 from cadence.logging import get_logger
 from cadence.net import free_port
@@ -58,6 +58,13 @@ def _skip_shm_op() -> None:
         from deepspeed import ops
 
         ops.__compatible_ops__["deepspeed_shm_comm"] = False
+
+
+def needs_old_policy(config: RunConfig) -> bool:
+    """GRPO's π_old is the snapshot of the last weight sync; it needs its own copy only when the reference
+    is synced on a different schedule (otherwise the reference *is* that snapshot)."""
+    uses_grpo = not isinstance(config.algorithm, DPOConfig) or config.algorithm.grpo_coef > 0
+    return uses_grpo and config.resolved_ref_sync_every() != config.sync_every
 
 
 def deepspeed_config(config: RunConfig, bf16: bool) -> dict[str, Any]:
@@ -151,7 +158,7 @@ def token_stats(model: torch.nn.Module, batch: SequenceBatch, *, entropy_grad: b
 class TrainEngine:
     """The policy under training plus frozen copies: the reference and (GRPO) the old policy."""
 
-    def __init__(self, model_dir: Path, config: RunConfig, *, keep_old_policy: bool = False) -> None:
+    def __init__(self, model_dir: Path | str, config: RunConfig) -> None:
         from transformers import AutoModelForCausalLM
 
         self.config = config
@@ -163,7 +170,7 @@ class TrainEngine:
         model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
         self.pad_token_id = int(model.config.pad_token_id or 0)
         self.reference = _frozen(copy.deepcopy(model), dtype)
-        self.old_policy = _frozen(copy.deepcopy(model), dtype) if keep_old_policy else None
+        self.old_policy = _frozen(copy.deepcopy(model), dtype) if needs_old_policy(config) else None
         self._init_optimizer_and_engine(model, bf16)
         self.reference.to(self.device)
         if self.old_policy is not None:

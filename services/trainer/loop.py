@@ -84,7 +84,9 @@ class TrainLoop:
         self.duplicates = 0
         self.attempts: dict[str, int] = defaultdict(int)
         self.given_up: dict[int, set[str]] = defaultdict(set)
+        self.first_read = True  # the first read takes every entry left pending by a previous process
         self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.tensorboard = _tensorboard(self.run_dir)
 
     def request_stop(self, reason: str) -> None:
         """Checkpoint and stop after the step in progress (a step still waiting for samples is abandoned)."""
@@ -97,7 +99,8 @@ class TrainLoop:
     def run(self) -> LoopState:
         """Train until `steps` are done or a stop is requested; returns the final state."""
         self._resume()
-        self.status.state = "training"
+        if not self.stop_requested.is_set():
+            self.status.state = "training"
         self._write_meta()
         while self.status.step < self.config.steps and not self.stop_requested.is_set():
             if not self._one_step():
@@ -113,7 +116,6 @@ class TrainLoop:
             self.rejected, self.duplicates = state.get("rejected", 0), state.get("duplicates", 0)
         for name in ("metrics.jsonl", "ledger.jsonl"):
             _truncate_after(self.run_dir / name, self.status.step)
-        self.first_read = True
 
     def _one_step(self) -> bool:
         step = self.status.step
@@ -306,6 +308,10 @@ class TrainLoop:
         }
         _append(self.run_dir / "ledger.jsonl", ledger | {"samples": len(rewards)})
         self.status.metrics = row
+        if self.tensorboard is not None:
+            for key, value in row.items():
+                if isinstance(value, int | float) and not isinstance(value, bool):
+                    self.tensorboard.add_scalar(key, value, step)
         STEP.set(step + 1)
         LOSS.set(row["loss"] or 0.0)
         for phase in ("wait", "compute", "publish"):
@@ -325,6 +331,15 @@ class TrainLoop:
     def _write_meta(self) -> None:
         fields = {"state": self.status.state, "step": self.status.step, "version": self.status.version}
         streams.write_meta(self.client, self.run_id, fields)
+
+
+def _tensorboard(run_dir: Path) -> Any:
+    """A TensorBoard writer in `<run_dir>/tensorboard` when tensorboard is installed, else None."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        return None
+    return SummaryWriter(str(run_dir / "tensorboard"))
 
 
 def _mean(values: list[float] | list[int]) -> float | None:

@@ -14,7 +14,7 @@ import signal
 import sys
 from typing import Any
 
-from cadence.config import DPOConfig, RunConfig, dump_run_config, load_run_config
+from cadence.config import RunConfig, dump_run_config, load_run_config
 from cadence.errors import ConfigError
 from cadence.logging import get_logger, setup_logging
 from cadence.settings import TrainerSettings, default_port
@@ -32,12 +32,6 @@ def _load(settings: TrainerSettings) -> tuple[RunConfig, str]:
     return config, run_id
 
 
-def needs_old_policy(config: RunConfig) -> bool:
-    """GRPO's π_old is the snapshot of the last sync; a separate copy only when the reference differs."""
-    uses_grpo = not isinstance(config.algorithm, DPOConfig) or config.algorithm.grpo_coef > 0
-    return uses_grpo and config.resolved_ref_sync_every() != config.sync_every
-
-
 def serve(settings: TrainerSettings) -> None:
     """Run the trainer for the configured run; rank 0 also feeds prompts and serves gRPC."""
     setup_logging("trainer", settings.log_level, settings.log_format)
@@ -50,7 +44,7 @@ def serve(settings: TrainerSettings) -> None:
 
     model_dir = resolve_model(config.model.path)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    engine = TrainEngine(model_dir, config, keep_old_policy=needs_old_policy(config))
+    engine = TrainEngine(model_dir, config)
     if not engine.is_main:
         follow(engine, tokenizer, settings.run_dir)
         return

@@ -78,7 +78,8 @@ def execute(engine: TrainEngine, tokenizer: Any, plan: StepPlan, run_dir: Path) 
 
 
 def follow(engine: TrainEngine, tokenizer: Any, run_dir: Path) -> None:
-    """Ranks > 0: execute rank 0's plans until it says stop."""
+    """Ranks > 0: restore the checkpoint rank 0 restores, then execute rank 0's plans until it says stop."""
+    engine.load_checkpoint(run_dir / "checkpoints")
     while True:
         plan = broadcast_plan(None, engine.world_size)
         if plan is None or plan.stop:

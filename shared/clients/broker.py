@@ -102,6 +102,7 @@ class BrokerClient(WeightTransport):
         self.retries = retries
         self.backoff = backoff
         self.max_backoff = max_backoff
+        self._closed = False
         self._channel = channel(target)
         self._stub = broker_pb2_grpc.BrokerStub(self._channel)
         # Weight chunks skip protobuf's extra copies (`cadence.weights_wire`); the bytes are the same.
@@ -140,7 +141,7 @@ class BrokerClient(WeightTransport):
 
     def watch(self, after_version: int = -1) -> Iterator[VersionInfo]:
         last, failures = after_version, 0
-        while True:
+        while not self._closed:
             call = self._stub.Watch(broker_pb2.WatchRequest(run_id=self.run_id, after_version=last))
             try:
                 for info in call:
@@ -149,6 +150,8 @@ class BrokerClient(WeightTransport):
                         last = info.version
                         yield info
             except grpc.RpcError as error:
+                if self._closed:
+                    return  # `close()` from another thread ends the watch
                 if error.code() not in _RETRYABLE:
                     raise self._error("Watch", error) from None
                 log.warning("watch interrupted; reconnecting", extra={"target": self.target, "code": error.code().name})
@@ -190,6 +193,7 @@ class BrokerClient(WeightTransport):
             time.sleep(self._delay(failures))
 
     def close(self) -> None:
+        self._closed = True
         self._channel.close()
 
     # -- helpers ------------------------------------------------------------------------------------------

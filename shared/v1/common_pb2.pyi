@@ -371,7 +371,7 @@ class WeightManifest(_message.Message):
     chunk_size: _builtins.int
     """payload bytes per chunk (last may be shorter)"""
     sha256: _builtins.str
-    """digest of the whole payload"""
+    """sha256 of the chunk digests concatenated (binds their order and count)"""
     @_builtins.property
     def tensors(self) -> _containers.RepeatedCompositeFieldContainer[Global___TensorSpec]: ...
     @_builtins.property

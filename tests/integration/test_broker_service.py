@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import re
 import threading
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -148,6 +149,16 @@ def test_watch_late_watcher_gets_latest_then_versions_in_order(broker: Broker) -
         client.publish(small, version=5)
         assert [next(watch).version, next(watch).version] == [4, 5]
         watch.close()
+        follower = broker.client()
+        followed: list[int] = []
+        thread = threading.Thread(target=lambda: followed.extend(i.version for i in follower.watch(-1)))
+        thread.start()
+        deadline = time.monotonic() + 5
+        while not followed and time.monotonic() < deadline:
+            time.sleep(0.01)
+        follower.close()  # ends the watch blocked in another thread, without an error
+        thread.join(5)
+        assert not thread.is_alive() and followed == [5]
         raw = broker.stub.Watch(broker_pb2.WatchRequest(run_id=RUN, after_version=4))
         assert next(raw).version == 5  # the watch is open on the server
         ended = threading.Event()
@@ -215,7 +226,7 @@ def _corrupt(kind: str) -> list[common_pb2.WeightChunk]:
 
 BAD = [
     ("chunk digest", grpc.StatusCode.DATA_LOSS, "chunk 1 .* failed sha256 verification"),
-    ("whole digest", grpc.StatusCode.DATA_LOSS, "differs from the manifest"),
+    ("whole digest", grpc.StatusCode.INVALID_ARGUMENT, "not the sha256 of its chunk digests"),
     ("shape/bytes", grpc.StatusCode.INVALID_ARGUMENT, "does not match shape \\[3, 5, 8\\]"),
     ("dtype", grpc.StatusCode.INVALID_ARGUMENT, "unknown dtype 'F8_E4M3'"),
     ("no manifest", grpc.StatusCode.INVALID_ARGUMENT, "starts with the manifest"),

@@ -237,3 +237,22 @@ def test_crash_and_restart_resume_without_loss_or_duplication(
     assert sorted(trained) == sorted(entry.message.prompt_id for entry in enqueued)
     assert [row["policy_versions"] for row in ledger] == [[t, t] for t in range(6)]
     assert restarted.consumer.pending() == 0
+
+
+def test_grpo_old_policy_is_the_last_published_version_with_a_fixed_reference(
+    generator: Generator, redis_url: str, broker_target: str, untrained_tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    """GRPO, s = 2, reference fixed at the seed: π_old is its own snapshot, equal to version 2 after 3 steps."""
+    config = run_config(steps=3, ref_sync_every=None, algorithm={"type": "grpo", "kl_beta": 0.01})
+    with BrokerClient(broker_target, "loop") as broker:
+        loop = make_loop(untrained_tiny_model_dir, config, redis_url, broker, tmp_path)
+        loop.run()
+        version2 = broker.fetch(2)
+    assert loop.engine.old_policy is not None
+    old, reference = loop.engine.old_policy.state_dict(), loop.engine.reference.state_dict()
+    seed = AutoModelForCausalLM.from_pretrained(untrained_tiny_model_dir).state_dict()
+    assert all(torch.equal(old[k], version2[k]) for k in version2)
+    assert all(torch.equal(reference[k], seed[k]) for k in seed)
+    metrics = read_jsonl(tmp_path / "metrics.jsonl")
+    assert metrics[2]["ratio_mean"] == pytest.approx(1.0, abs=1e-5)  # first step after a sync: π = π_old
+    assert metrics[1]["ratio_mean"] != pytest.approx(1.0, abs=1e-7)  # second step of block 0: π moved

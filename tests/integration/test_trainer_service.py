@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -82,3 +83,41 @@ def test_serve_reports_status_and_stops_cleanly(
     run_dir = tmp_path / "run"
     assert (run_dir / "checkpoints" / "latest").read_text() == f"step-{meta['step']}"
     assert len((run_dir / "ledger.jsonl").read_text().splitlines()) == int(meta["step"])
+
+
+@pytest.mark.slow
+def test_two_process_zero2_run_under_torchrun(
+    redis_url: str,
+    broker_target: str,  # noqa: F811
+    untrained_tiny_model_dir: Path,
+    tmp_path: Path,
+) -> None:
+    """The multi-process form: `torchrun --nproc-per-node 2 -m cadence.trainer.main --config RUN.yaml`
+    with ZeRO-2 trains s = 2 for 4 steps, publishes versions 2 and 4 and saves the final model."""
+    config = {
+        "run_id": "ddp",
+        "model": {"path": str(untrained_tiny_model_dir)},
+        "steps": 4,
+        "batch_prompts": 2,
+        "sync_every": 2,
+        "sampling": {"n": 2, "max_tokens": 14},
+        "tasks": [{"name": "toy", "limit": 20}],
+        "deepspeed": {"zero_stage": 2},
+    }
+    (tmp_path / "run.yaml").write_text(yaml.safe_dump(config))
+    args = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1"]
+    args += ["--master-port", str(free_port()), "-m", "cadence.trainer.main", "--config", str(tmp_path / "run.yaml")]
+    args += ["--grpc-port", str(free_port()), "--broker-addr", broker_target, "--redis-url", redis_url]
+    args += ["--run-dir", str(tmp_path / "run"), "--host", "127.0.0.1"]
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_PORT")}
+    generator = Generator(redis_url, "ddp", broker_target, AutoTokenizer.from_pretrained(untrained_tiny_model_dir))
+    generator.start()
+    try:
+        done = subprocess.run(args, env=env | {"OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=400)
+    finally:
+        generator.stop()
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    ledger = (tmp_path / "run" / "ledger.jsonl").read_text().splitlines()
+    assert [json.loads(line)["policy_versions"] for line in ledger] == [[0, 0], [0, 0], [2, 2], [2, 2]]
+    assert streams.read_meta(streams.connect(redis_url), "ddp")["version"] == "4"
+    assert (tmp_path / "run" / "final" / "config.json").exists()

@@ -251,14 +251,14 @@ cadence.podAnnotations: scrape annotations (when metrics.scrapeAnnotations) plus
 Call with (dict "root" $ "values" .Values.inference "port" 9090 "path" "/metrics").
 */}}
 {{- define "cadence.podAnnotations" -}}
+{{- $annotations := dict }}
 {{- if .root.Values.metrics.scrapeAnnotations }}
-prometheus.io/scrape: "true"
-prometheus.io/port: {{ .port | quote }}
-prometheus.io/path: {{ .path | default "/metrics" | quote }}
+{{- $_ := set $annotations "prometheus.io/scrape" "true" }}
+{{- $_ := set $annotations "prometheus.io/port" (toString .port) }}
+{{- $_ := set $annotations "prometheus.io/path" (.path | default "/metrics") }}
 {{- end }}
-{{- with .values.podAnnotations }}
-{{ toYaml . }}
-{{- end }}
+{{- $annotations = merge $annotations (.values.podAnnotations | default dict) }}
+{{- with $annotations }}{{ toYaml . }}{{ end }}
 {{- end }}
 
 {{/*

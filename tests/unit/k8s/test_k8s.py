@@ -134,14 +134,19 @@ def test_submit_of_a_known_run_id_needs_replace(api, clients, render, serve_rele
         k8s.submit(clients, _config("toy-dpo"), NAMESPACE)
     assert api.writes() == []
 
-    api.route("PUT", f"{CONFIGMAPS}/rel-cadence-run", objects[("ConfigMap", "rel-cadence-run")])
+    chart_configmap = objects[("ConfigMap", "rel-cadence-run")]
+    chart_configmap["metadata"]["annotations"]["meta.helm.sh/release-name"] = "rel"  # what Helm adds at install
+    chart_configmap["metadata"]["resourceVersion"] = "42"
+    serve_release(objects)
+    api.route("PUT", f"{CONFIGMAPS}/rel-cadence-run", chart_configmap)
     result = k8s.submit(clients, _config("toy-dpo"), NAMESPACE, replace=True)
     put, trainer = api.writes()[:2]
-    assert (put.method, put.path, put.body["metadata"]["name"]) == (
-        "PUT",
-        f"{CONFIGMAPS}/rel-cadence-run",
-        "rel-cadence-run",
-    )
+    assert (put.method, put.path) == ("PUT", f"{CONFIGMAPS}/rel-cadence-run")
+    meta = put.body["metadata"]
+    assert meta["name"] == "rel-cadence-run" and meta["resourceVersion"] == "42"
+    assert meta["annotations"]["meta.helm.sh/release-name"] == "rel"
+    assert meta["labels"]["app.kubernetes.io/managed-by"] == "Helm", "Helm keeps owning its ConfigMap"
+    assert meta["annotations"][k8s.RUN_ID] == "toy-dpo" and k8s.SUBMITTED_AT in meta["annotations"]
     assert result.configmap == "rel-cadence-run"
     assert {"name": "run-config", "configMap": {"name": "rel-cadence-run"}} in trainer.body["spec"]["template"]["spec"][
         "volumes"
