@@ -32,14 +32,14 @@ def serve(settings: InferenceSettings) -> None:
     from cadence.models import resolve_model
     from cadence.v1 import inference_pb2_grpc
 
-    setup_logging("inference", settings.log_level, settings.log_format)
-    log = get_logger(__name__)
     if settings.worker and not settings.run_id:
         raise ConfigError(
             "the rollout worker needs a run: set CADENCE_RUN_ID (or --run-id), or pass --no-worker to serve "
             "Generate only"
         )
     kind = resolve_engine_kind(settings.engine)
+    setup_logging("inference", settings.log_level, settings.log_format)
+    log = get_logger(__name__)
     model_dir = resolve_model(settings.model)
     log.info("loading model", extra={"engine": kind, "model": str(model_dir)})
     engine = create_engine(kind, model_dir)

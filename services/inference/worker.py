@@ -167,8 +167,6 @@ class RolloutWorker:
                     self._sync(min(e.message.min_version for e in self._held), stop)
                     continue
                 written += self._generate(ready)
-                done = {e.id for e in ready}
-                self._held = [e for e in self._held if e.id not in done]
         return written
 
     def _sync(self, version: int, stop: threading.Event) -> None:
@@ -224,7 +222,13 @@ class RolloutWorker:
                 TOKENS.inc(sum(len(s.token_ids) for c in generation.completions for s in c.samples))
             else:
                 PROMPTS.labels(outcome="reclaimed").inc(len(rollouts))
+            self._release(group)
         return written
+
+    def _release(self, entries: list[Entry[common_pb2.Prompt]]) -> None:
+        """Drop finished entries from the batch in hand (a retry after a failure redoes only the rest)."""
+        done = {entry.id for entry in entries}
+        self._held = [entry for entry in self._held if entry.id not in done]
 
     def _checked(self, entry: Entry[common_pb2.Prompt]) -> SamplingParams | None:
         """The prompt's sampling params, or None after moving an ungeneratable prompt to `<prompts>:dead`."""
@@ -237,6 +241,7 @@ class RolloutWorker:
             log.error("prompt %s cannot be generated, moved to %s: %s", entry.message.prompt_id, dead, error)
             self.consumer.forward([entry.id], dead, [entry.message])
             PROMPTS.labels(outcome="rejected").inc()
+            self._release([entry])
             return None
         return params
 

@@ -55,8 +55,8 @@ class RewardService:
 
     def __init__(self, settings: RewardSettings, scorer: Scorer | None = None) -> None:
         self.settings = settings
-        self.scorer = scorer or build_scorer(settings)
         keys = ApiKeys.load(settings.api_keys, settings.api_keys_file)
+        self.scorer = scorer or build_scorer(settings)
         verifier = self.scorer.verifier
         metrics.track(lambda: verifier.restarts if verifier else 0, lambda: self.scorer.admission.in_flight)
         self.app = create_app(self.scorer, keys, max_body_bytes=settings.max_body_bytes)
@@ -64,7 +64,13 @@ class RewardService:
         self.grpc = ServiceServer("reward", settings.host, port, interceptors=[AuthInterceptor(keys)])
         self.grpc.add_servicer(reward_pb2_grpc.add_RewardServicer_to_server, RewardServicer(self.scorer), SERVICE)
         config = uvicorn.Config(
-            self.app, host=settings.host, port=settings.http_port, log_config=None, lifespan="off", access_log=False
+            self.app,
+            host=settings.host,
+            port=settings.http_port,
+            log_config=None,
+            lifespan="off",
+            access_log=False,
+            timeout_graceful_shutdown=int(settings.grace_seconds),
         )
         self.http = uvicorn.Server(config)
         self._threads: list[threading.Thread] = []

@@ -207,7 +207,6 @@ class MathVerifier:
             threading.Thread(target=self._drive, args=(slot,), daemon=True, name=f"math-verify-{slot}")
             for slot in range(processes)
         ]
-        self._started = threading.Event()
         for thread in self._threads:
             thread.start()
 
@@ -271,8 +270,7 @@ class MathVerifier:
             except (EOFError, OSError):
                 log.error("math-verify worker %d died while checking an item; replacing it", slot)
                 verdict = ERROR
-                worker.process.kill()
-            if verdict is None or not worker.process.is_alive():
+            if verdict is None or verdict is ERROR:
                 worker.kill()
                 worker = None
                 with self._lock:
@@ -294,7 +292,7 @@ class MathVerifier:
     def _start_worker(self, slot: int) -> _Worker | None:
         try:
             worker = _Worker(self._context)
-        except (RuntimeError, OSError) as error:
+        except (RuntimeError, OSError, EOFError) as error:
             log.error("cannot start math-verify worker %d (%s); retrying in 1s", slot, error)
             time.sleep(1.0)
             return None

@@ -72,7 +72,12 @@ class RewardWorker:
         """Score batches until `stop` is set; the batch in hand is finished (or left pending) first."""
         log.info("reward worker consuming %s as %s", self.consumer.key, self.consumer.consumer)
         while not stop.is_set():
-            self.step(stop)
+            try:
+                self.step(stop)
+            except Exception:  # Redis gone for minutes, a bug: log, count, keep the worker alive
+                metrics.WORKER_FAILURES.inc()
+                log.exception("reward worker step failed; retrying in 1s")
+                stop.wait(1.0)
         log.info("reward worker stopped")
 
     def step(self, stop: threading.Event | None = None) -> int:

@@ -2,7 +2,8 @@
 
 Multi-process (ZeRO across processes or GPUs): launch the same entry point once per rank,
 `torchrun --nproc-per-node N -m cadence.trainer.main --config RUN.yaml` (or
-`deepspeed --module cadence.trainer.main --config RUN.yaml`). Rank 0 reads the streams, publishes
+`deepspeed --no_local_rank --module cadence.trainer.main --config RUN.yaml`: the rank comes from the
+environment, so the launcher must not append `--local_rank`). Rank 0 reads the streams, publishes
 weights and serves gRPC; the other ranks follow its plans. torch is imported only inside `serve`, so
 `--help` stays instant.
 """

@@ -91,7 +91,7 @@ def update(engine: TrainEngine, groups: list[Group], step: int) -> dict[str, flo
     """Loss on this rank's shard, backward, step (*collective*). Metrics averaged over ranks."""
     config = engine.config
     algo = config.algorithm
-    parts: list[LossOutput] = []
+    dpo = grpo = None
     stats: TokenStats | None = None
     metrics: dict[str, float] = {}
     if isinstance(algo, DPOConfig):
@@ -101,20 +101,20 @@ def update(engine: TrainEngine, groups: list[Group], step: int) -> dict[str, flo
         metrics |= {"pairs_kept": len(selection.pairs), "pairs_skipped": selection.skipped_prompts}
         if selection.pairs:
             dpo, stats = _dpo_part(engine, groups, selection.pairs, algo)
-            parts.append(dpo)
     if isinstance(algo, GRPOConfig) or algo.grpo_coef > 0:
         grpo, grpo_stats = _grpo_part(engine, groups)
         stats = stats or grpo_stats
-        parts.append(grpo)
-    if not parts:
+    if stats is None:  # DPO and not one prompt with a pair: zero loss, no step (counted in pairs_skipped)
         return metrics | {"loss": 0.0, "skipped_update": 1.0}
-    loss = parts[0].loss if len(parts) == 1 else combined_loss(parts[0].loss, parts[1].loss, algo.grpo_coef)
-    assert stats is not None
+    if grpo is None or isinstance(algo, GRPOConfig):
+        loss = (dpo or grpo).loss  # type: ignore[union-attr]
+    else:
+        loss = combined_loss(dpo.loss if dpo else torch.zeros((), device=grpo.loss.device), grpo.loss, algo.grpo_coef)
     if config.entropy_coef > 0:
         loss = loss + entropy_bonus(stats.entropy, stats.mask, config.entropy_coef)
     grad_norm = engine.step(loss)
-    for part in parts:
-        metrics |= {k: v for k, v in part.metrics.items()}
+    for part in (dpo, grpo):
+        metrics |= part.metrics if part is not None else {}
     tokens = stats.mask.sum().clamp(min=1)
     metrics |= {
         "loss": loss.item(),

@@ -365,3 +365,36 @@ def test_autostart_off_installs_an_idle_trainer(render_values) -> None:
     annotations = trainer["metadata"]["annotations"]
     assert trainer["spec"]["replicas"] == 0 and annotations["cadence.dev/run-state"] == "stopped"
     assert annotations["cadence.dev/replicas"] == "1", "what `cadence k8s submit` scales back to"
+
+
+# The chart passes tensor parallelism before the inference service reads it (see the issue 8 report);
+# the test below fails as soon as the service grows the setting, so this entry cannot go stale.
+NOT_YET_READ = {"inference": {"CADENCE_TENSOR_PARALLEL_SIZE"}}
+TORCHRUN_ENV = {"CADENCE_NNODES", "CADENCE_NODE_RANK", "CADENCE_NPROC_PER_NODE"}
+
+
+@pytest.mark.parametrize("name", [*SCENARIOS, "default"])
+def test_every_cadence_env_var_is_a_service_setting(rendered: dict[str, list[dict]], name: str) -> None:
+    """A CADENCE_* variable the service does not read is a silent misconfiguration (pydantic ignores extras)."""
+    from cadence import settings
+
+    classes = {
+        "inference": settings.InferenceSettings,
+        "reward": settings.RewardSettings,
+        "trainer": settings.TrainerSettings,
+        "broker": settings.BrokerSettings,
+    }
+    for workload in workloads(rendered[name]):
+        spec = workload["spec"]["template"]["spec"]
+        for c in [*spec.get("initContainers", []), *spec["containers"]]:
+            cls = classes.get(c["name"], settings.CommonSettings)
+            known = {f"CADENCE_{field.upper()}" for field in cls.model_fields}
+            names = {e["name"] for e in c.get("env", []) if e["name"].startswith("CADENCE_")}
+            unread = names - known - NOT_YET_READ.get(c["name"], set())
+            if TORCHRUN_ENV & names:
+                assert all(f"$({var})" in " ".join(c["args"]) for var in TORCHRUN_ENV), "read by torchrun's args"
+                unread -= TORCHRUN_ENV
+            assert unread == set(), (name, workload["metadata"]["name"], c["name"])
+    for service, pending in NOT_YET_READ.items():
+        now_read = pending & {f"CADENCE_{field.upper()}" for field in classes[service].model_fields}
+        assert not now_read, f"{sorted(now_read)} is a setting now: drop it from NOT_YET_READ"

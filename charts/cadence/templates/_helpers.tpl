@@ -108,11 +108,9 @@ cadence.redisUrl: the env entry CADENCE_REDIS_URL: the bundled Redis, an externa
 {{- end }}
 
 {{/*
-cadence.commonEnv: settings every Cadence container shares: run id, logging, writable caches.
+cadence.commonEnv: settings every Cadence container shares: logging and writable caches.
 */}}
 {{- define "cadence.commonEnv" -}}
-- name: CADENCE_RUN_ID
-  value: {{ .Values.run.id | quote }}
 - name: CADENCE_LOG_LEVEL
   value: {{ .Values.logging.level | quote }}
 - name: CADENCE_LOG_FORMAT
@@ -125,6 +123,14 @@ cadence.commonEnv: settings every Cadence container shares: run id, logging, wri
   value: /var/cache/cadence/hf
 - name: XDG_CACHE_HOME
   value: /var/cache/cadence/xdg
+{{- end }}
+
+{{/*
+cadence.runIdEnv: CADENCE_RUN_ID, the run whose streams a service works on (`cadence k8s submit` patches it).
+*/}}
+{{- define "cadence.runIdEnv" -}}
+- name: CADENCE_RUN_ID
+  value: {{ .Values.run.id | quote }}
 {{- end }}
 
 {{/*

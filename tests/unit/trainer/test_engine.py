@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from cadence.config import RunConfig
 from cadence.trainer.engine import SequenceBatch, TrainEngine, deepspeed_config, needs_old_policy
@@ -116,3 +117,27 @@ def test_deepspeed_config_merges_extra() -> None:
 )
 def test_old_policy_copy_only_when_the_reference_follows_another_schedule(fields: dict, expected: bool) -> None:
     assert needs_old_policy(config(**fields)) is expected
+
+
+def test_dpo_plus_alpha_grpo_by_hand(untrained_tiny_model_dir: Path) -> None:
+    """At the start π = π_ref = π_old: DPO = log 2; GRPO has ratio 1 and KL 0, so its loss is −Σ A·len over
+    B·max_len. Group p0: A = (.5, −.5, .5, −.5), lengths (3, 2, 3, 2) → Σ A·len = 1.0; p1: A = (−.5, .5, −.5, .5),
+    lengths (3, 2, 2, 4) → 0.5. GRPO = −1.5 / (8 · 6) = −0.03125; α = 0.5 → 0.693147 − 0.015625 = 0.677522."""
+    engine = TrainEngine(untrained_tiny_model_dir, config(algorithm={"type": "dpo", "grpo_coef": 0.5}))
+    metrics = update(engine, GROUPS, step=0)
+    assert metrics["loss"] == pytest.approx(math.log(2) - 0.015625, abs=1e-5)
+    assert metrics["margin"] == pytest.approx(0.0, abs=1e-6) and metrics["kl"] == pytest.approx(0.0, abs=1e-6)
+
+
+def test_zero3_gathers_full_weights_and_still_learns(untrained_tiny_model_dir: Path, tmp_path: Path) -> None:
+    """Under ZeRO-3 each parameter lives partitioned; the published state dict must hold the full tensors."""
+    engine = TrainEngine(untrained_tiny_model_dir, config(deepspeed={"zero_stage": 3}))
+    seed = AutoModelForCausalLM.from_pretrained(untrained_tiny_model_dir).state_dict()
+    assert update(engine, GROUPS, step=0)["loss"] == pytest.approx(math.log(2), abs=1e-5)
+    assert update(engine, GROUPS, step=0)["loss"] < math.log(2) - 1e-3
+    state = engine.full_state_dict()
+    assert {k: v.shape for k, v in state.items()} == {k: v.shape for k, v in seed.items()}
+    assert not torch.equal(state["model.layers.0.mlp.up_proj.weight"], seed["model.layers.0.mlp.up_proj.weight"])
+    engine.save_pretrained(tmp_path / "final", AutoTokenizer.from_pretrained(untrained_tiny_model_dir))
+    saved = AutoModelForCausalLM.from_pretrained(tmp_path / "final").state_dict()
+    assert all(torch.equal(saved[k], state[k]) for k in seed)
