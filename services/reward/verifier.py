@@ -186,7 +186,8 @@ class MathVerifier:
 
     Items queue in arrival order and are served by `processes` driver threads, each owning one worker
     process. A worker that overruns the deadline is killed and replaced (`restarts` counts them) and the
-    item's reason is `timeout`; a worker that dies gives `error`.
+    item's reason is `timeout`. An item whose worker dies is retried once on a fresh worker (the worker may
+    have been killed from outside), then its reason is `error`.
     """
 
     def __init__(self, processes: int = 2, item_timeout: float = 5.0) -> None:
@@ -251,36 +252,39 @@ class MathVerifier:
         """Driver thread: feed queued items to this slot's worker, replacing it when it hangs or dies."""
         worker: _Worker | None = None
         while True:
-            if worker is None:
+            while worker is None:
                 worker = self._start_worker(slot)
-                if worker is None:
-                    continue
             task = self._tasks.get()
             if task is None:
                 break
             if not task.future.set_running_or_notify_cancel():
                 continue
-            if not worker.process.is_alive():
-                log.error("math-verify worker %d died while idle; replacing it", slot)
-                worker = self._replace(worker, slot)
-            try:
-                verdict = worker.run(task.answer, task.reference, self.item_timeout)
-                if verdict is None:
-                    log.warning("math-verify item exceeded %.1fs; replacing worker %d", self.item_timeout, slot)
-            except (EOFError, OSError):
-                log.error("math-verify worker %d died while checking an item; replacing it", slot)
-                verdict = ERROR
-            if verdict is None or verdict is ERROR:
-                worker.kill()
-                worker = None
-                with self._lock:
-                    self.restarts += 1
-            task.future.set_result(TIMEOUT if verdict is None else verdict)
+            verdict, worker = self._check_on(worker, slot, task)
+            task.future.set_result(verdict)
         if worker is not None:
             worker.kill()
 
+    def _check_on(self, worker: _Worker, slot: int, task: _Task) -> tuple[Verdict, _Worker | None]:
+        """Run one item; an item that meets a dead worker gets one more try on a fresh one (the worker may
+        have been killed from outside); one that kills a fresh worker too is an `error`."""
+        for attempt in range(2):
+            try:
+                verdict = worker.run(task.answer, task.reference, self.item_timeout)
+            except (EOFError, OSError):
+                log.error("math-verify worker %d died (attempt %d); replacing it", slot, attempt + 1)
+                worker = self._replace(worker, slot)
+                continue
+            if verdict is None:
+                log.warning("math-verify item exceeded %.1fs; replacing worker %d", self.item_timeout, slot)
+                worker.kill()
+                with self._lock:
+                    self.restarts += 1
+                return TIMEOUT, None
+            return verdict, worker
+        return ERROR, worker
+
     def _replace(self, worker: _Worker, slot: int) -> _Worker:
-        """A fresh worker for `slot`, retrying until one starts."""
+        """Kill `worker` and start a fresh one for `slot`, retrying until one starts."""
         worker.kill()
         with self._lock:
             self.restarts += 1

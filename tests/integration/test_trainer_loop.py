@@ -51,6 +51,7 @@ class Generator(threading.Thread):
 
     `bad_step`: the first prompt of that step is first answered by version 0 (breaking the rule);
     the trainer must reject it and re-enqueue the prompt, which is then answered correctly.
+    `duplicate_step`: every rollout of that step is written twice (an at-least-once redelivery).
     """
 
     def __init__(self, redis_url: str, run_id: str, broker: str, tokenizer: Any, bad_step: int | None = None):
@@ -62,6 +63,7 @@ class Generator(threading.Thread):
         self.out = streams.StreamProducer(self.client, streams.stream_key(run_id, "scored"))
         self.broker = BrokerClient(broker, run_id)
         self.tokenizer, self.bad_step = tokenizer, bad_step
+        self.duplicate_step: int | None = None
         self.halt = threading.Event()
         self.seen: list[tuple[int, int, int]] = []  # (step, min_version, broker latest when seen)
 
@@ -88,7 +90,8 @@ class Generator(threading.Thread):
         rollout = common_pb2.Rollout(
             prompt=prompt, samples=samples, prompt_token_ids=prompt_ids, policy_version=version
         )
-        self.out.add(common_pb2.ScoredRollout(rollout=rollout, scores=scores))
+        copies = 2 if prompt.step == self.duplicate_step else 1
+        self.out.add_many([common_pb2.ScoredRollout(rollout=rollout, scores=scores)] * copies)
 
     def stop(self) -> None:
         self.halt.set()
@@ -135,7 +138,9 @@ def test_semi_online_s2_trains_only_on_rule_versions(
 ) -> None:
     """s = 2: steps 0–1 train on version 0, steps 2–3 on version 2; a version-0 rollout for step 2 is
     rejected (counted, prompt re-enqueued), never trained on; block 1 is released only once version 2 is
-    on the broker; versions 2 and 4 are published; the final policy is saved as an HF model."""
+    on the broker; step 1's rollouts delivered twice are trained once; versions 2 and 4 are published; the
+    final policy is saved as an HF model."""
+    generator.duplicate_step = 1
     with BrokerClient(broker_target, "loop") as broker:
         loop = make_loop(untrained_tiny_model_dir, run_config(), redis_url, broker, tmp_path)
         assert loop.run().state == "done"
@@ -148,6 +153,7 @@ def test_semi_online_s2_trains_only_on_rule_versions(
     metrics = read_jsonl(tmp_path / "metrics.jsonl")
     assert set(metrics[-1]) >= METRIC_KEYS
     assert metrics[-1]["rejected_rollouts"] == 1 and metrics[1]["rejected_rollouts"] == 0
+    assert metrics[-1]["duplicates"] == 2
     assert [m["version"] for m in metrics] == [0, 2, 2, 4]
     assert metrics[0]["accuracy"] == 0.5 and metrics[0]["pairs_kept"] == 2
     assert len(metrics[0]["length_hist"]) == 10 and sum(metrics[0]["length_hist"]) == 8

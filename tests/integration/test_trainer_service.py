@@ -23,6 +23,13 @@ from cadence.v1 import trainer_pb2, trainer_pb2_grpc
 from .test_trainer_loop import Generator, broker_target  # noqa: F401  (the broker fixture)
 
 
+def clean_env() -> dict[str, str]:
+    """This process's environment without the rendezvous variables an in-process engine test may have set
+    (a child inheriting MASTER_PORT would try to bind a port this process already holds)."""
+    dist = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+    return {k: v for k, v in os.environ.items() if k not in dist} | {"OMP_NUM_THREADS": "1"}
+
+
 @pytest.fixture
 def trainer_process(
     redis_url: str,
@@ -44,8 +51,7 @@ def trainer_process(
     args = [sys.executable, "-m", "cadence.cli", "serve", "trainer", "--config", str(tmp_path / "run.yaml")]
     args += ["--grpc-port", str(port), "--broker-addr", broker_target, "--redis-url", redis_url]
     args += ["--run-dir", str(tmp_path / "run"), "--host", "127.0.0.1"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(args, env=clean_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     yield proc, f"127.0.0.1:{port}"
     if proc.poll() is None:
         proc.kill()
@@ -63,7 +69,11 @@ def test_serve_reports_status_and_stops_cleanly(
     generator = Generator(redis_url, "svc", broker_target, AutoTokenizer.from_pretrained(untrained_tiny_model_dir))
     generator.start()
     try:
-        wait_healthy(target, timeout=120)
+        try:
+            wait_healthy(target, timeout=120)
+        except Exception:
+            proc.kill()
+            raise AssertionError(proc.communicate()[0][-3000:]) from None
         with channel(target) as chan:
             stub = trainer_pb2_grpc.TrainerStub(chan)
             deadline = time.monotonic() + 60
@@ -109,11 +119,10 @@ def test_two_process_zero2_run_under_torchrun(
     args += ["--master-port", str(free_port()), "-m", "cadence.trainer.main", "--config", str(tmp_path / "run.yaml")]
     args += ["--grpc-port", str(free_port()), "--broker-addr", broker_target, "--redis-url", redis_url]
     args += ["--run-dir", str(tmp_path / "run"), "--host", "127.0.0.1"]
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_PORT")}
     generator = Generator(redis_url, "ddp", broker_target, AutoTokenizer.from_pretrained(untrained_tiny_model_dir))
     generator.start()
     try:
-        done = subprocess.run(args, env=env | {"OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=400)
+        done = subprocess.run(args, env=clean_env(), capture_output=True, text=True, timeout=400)
     finally:
         generator.stop()
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]

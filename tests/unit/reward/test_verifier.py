@@ -162,3 +162,17 @@ def test_many_threads_at_once_nothing_dropped(verifier: MathVerifier) -> None:
         thread.join()
     assert len(results) == 64
     assert all(results[n] == ("correct" if n % 3 else "incorrect") for n in range(64))
+
+
+def test_workers_killed_from_outside_mid_item_are_replaced_and_the_item_retried(verifier: MathVerifier) -> None:
+    assert verifier.wait_ready(30.0)
+    restarts = verifier.restarts
+    future = verifier.submit("\\boxed{9^{9^{9^{9}}}}", "1")
+    time.sleep(0.3)
+    for worker in list(verifier._workers):
+        assert worker is not None
+        worker.process.kill()
+    assert verifier.verify("\\boxed{3}", "3").reason == "correct"
+    assert future.result(timeout=verifier.item_timeout + 10).reason == "timeout"  # retried, then hit its deadline
+    assert verifier.restarts >= restarts + 3
+    assert verifier.wait_ready(30.0)
