@@ -3,13 +3,13 @@
 What it measures, in one run on this machine:
 1. generation throughput (generated tokens per second of wall time) of `VllmEngine` and `HFEngine` on the
    same model and the same prompts, at batch 1, 8 and 32 prompts per call (n = 1, temperature 1, seed 0):
-   SmolLM2-135M-Instruct (chat prompts, 64 new tokens; goal: vLLM ≥ 5× HF) and the tiny seed model (toy
+   SmolLM2-135M-Instruct (chat prompts, 32 new tokens; goal: vLLM ≥ 5× HF) and the tiny seed model (toy
    prompts, 14 new tokens; too small to separate the engines, reported only);
 2. weight-update latency, as the worker does it: `BrokerClient.fetch` of a published version from a broker
    on loopback (sha256-verified) + `engine.load_weights` into the running engine, for both models.
 
 Simplifications: both engines in fp32 (Cadence's CPU default; vLLM would otherwise downcast to bf16), both
-on all cores, one warm-up call per configuration, then max(2, 32 / batch) timed calls with different seeds
+on all cores, one warm-up call per configuration, then max(1, 4 / batch) timed calls with different seeds
 (sampled answers end at EOS at different lengths; totals over several calls even that out).
 The weights published are the model's own, so the update changes nothing but costs the full transfer.
 
@@ -49,7 +49,7 @@ def prompts(model: str, count: int) -> list[Any]:
 
 
 def throughput(engine: Any, model: str, batch: int, max_tokens: int) -> float:
-    """Generated tokens per second over `max(2, 32 // batch)` timed calls (seeds 1, 2, ...), after a warm-up.
+    """Generated tokens per second over `max(1, 4 // batch)` timed calls (seeds 1, 2, ...), after a warm-up.
 
     Several calls average out how early sampled answers hit EOS, which dominates a single small batch.
     """
@@ -58,7 +58,7 @@ def throughput(engine: Any, model: str, batch: int, max_tokens: int) -> float:
     batch_prompts = prompts(model, batch)
     engine.generate(batch_prompts, SamplingParams(temperature=1.0, max_tokens=max_tokens, seed=0))  # warm-up
     tokens, seconds = 0, 0.0
-    for seed in range(1, max(2, 32 // batch) + 1):
+    for seed in range(1, max(1, 4 // batch) + 1):
         params = SamplingParams(temperature=1.0, max_tokens=max_tokens, seed=seed)
         started = time.perf_counter()
         generation = engine.generate(batch_prompts, params)
@@ -86,7 +86,7 @@ def bench_model(model: str, model_dir: Path, broker: str) -> list[dict[str, Any]
     from cadence.inference.engine import HFEngine
     from cadence.inference.vllm_engine import VllmEngine
 
-    max_tokens = 14 if model == "tiny" else 64
+    max_tokens = 14 if model == "tiny" else 32
     run_id = f"bench-{model}"
     weights = {}
     for file in sorted(model_dir.glob("*.safetensors")):

@@ -10,8 +10,8 @@ gold answer, another problem's answer, and an answer-free text — 2,000 items, 
 3. latency p50/p99 of single requests at batch 1 and batch 64, for 1 and 2 pool processes;
 4. the reward model (`tiny-rm`): items/s of `chat` scoring over HTTP and of `RewardModel.score` in-process
    (chat template, tokenising, token-budget batching) against a bare forward pass of the same model on
-   pre-tokenised batches of the same inputs (in-process figures: best of 3). `tiny-rm` when it is built,
-   else a random-init model of the same shape (same speed).
+   pre-tokenised batches of the same inputs (in-process figures: best of 3). `tiny-rm` when it is built
+   under CADENCE_HOME, else a random-init model of the same shape (same speed).
 
 Simplifications: one host (2 shared cores here, so absolute figures are noisy; ratios are what to read),
 one client, torch at one thread on both sides.

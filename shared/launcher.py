@@ -170,24 +170,27 @@ class LocalRun:
     def _wait_healthy(self, timeout: float = 600.0) -> None:
         from cadence.grpc import wait_healthy
 
-        targets = {c.name: self._port_of(c.name) for c in self.supervisor.children if c.name != "redis"}
         deadline = time.monotonic() + timeout
-        for name, port in targets.items():
-            while True:
+        for child in [c for c in self.supervisor.children if c.name != "redis"]:
+            while not (child.name == "trainer" and child.returncode == 0):  # a short run may finish first
                 self.raise_if_failed()
                 try:
-                    wait_healthy(f"127.0.0.1:{port}", timeout=2.0)
+                    wait_healthy(f"127.0.0.1:{self._port_of(child.name)}", timeout=2.0)
                     break
                 except NotReady:
                     if time.monotonic() > deadline:
-                        raise NotReady(f"{name} not healthy after {timeout:.0f}s; see {self.logs / name}.log") from None
+                        raise NotReady(f"{child.name} not healthy after {timeout:.0f}s; see {child.log_path}") from None
 
     def _port_of(self, name: str) -> int:
         return self.plan.ports[name]
 
     def raise_if_failed(self, ignore: tuple[str, ...] = ()) -> None:
-        """Stop the run when any service died, showing that service's last log lines."""
-        dead = self.supervisor.first_failure(ignore=ignore)
+        """Stop the run when any service died, showing that service's last log lines.
+
+        The trainer exiting with 0 is the run finishing, not a failure.
+        """
+        finished = ("trainer",) if self.trainer().returncode == 0 else ()
+        dead = self.supervisor.first_failure(ignore=(*ignore, *finished))
         if dead is not None:
             raise ServiceFailed(dead)
 
@@ -223,9 +226,12 @@ def read_metrics(path: Path, offset: int) -> tuple[list[dict], int]:
 
 def evaluate_model(plan: RunPlan, model_dir: str, out_name: str) -> dict:
     """Evaluate `model_dir` on the run's eval set; write `<out_name>.json` and its per-problem JSONL."""
+    from transformers.utils import logging as hf_logging
+
     from cadence.evaluation import evaluate_math, load_eval_problems
     from cadence.inference.engine import create_engine
 
+    hf_logging.disable_progress_bar()  # the launcher draws its own progress
     spec = plan.config.eval
     problems = load_eval_problems(spec.dataset, spec.split, spec.max_problems, seed=plan.config.seed)
     engine = create_engine(plan.engine if spec.engine == "auto" else spec.engine, model_dir)
@@ -290,6 +296,7 @@ def run_local(plan: RunPlan, console, keep: bool = False) -> int:
         console.print("[bold]starting services…")
         run.start()
         follow(run, console)
+        console.print()
     except KeyboardInterrupt:
         console.print("[yellow]interrupted: stopping every service")
         code = 130

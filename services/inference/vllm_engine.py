@@ -98,7 +98,7 @@ class VllmEngine(Engine):
         dtype: str | None = None,
         kv_cache_gib: float = 1.0,
         max_model_len: int | None = None,
-        enforce_eager: bool = True,
+        enforce_eager: bool | None = None,
         seed: int = 0,
     ) -> None:
         super().__init__(model_path, version=version)
@@ -112,7 +112,8 @@ class VllmEngine(Engine):
             # vLLM on CPU would downcast fp32 checkpoints to bf16; Cadence keeps fp32 there (DESIGN.md §3).
             dtype=dtype or ("float32" if on_cpu else "auto"),
             max_model_len=max_model_len,
-            enforce_eager=enforce_eager,
+            # torch.compile costs minutes of start-up on CPU for little gain; on GPU keep CUDA graphs.
+            enforce_eager=on_cpu if enforce_eager is None else enforce_eager,
             seed=seed,
             worker_extension_cls=f"{__name__}.{WeightLoaderExtension.__qualname__}",
             disable_log_stats=True,

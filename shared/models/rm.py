@@ -36,6 +36,8 @@ NEGATIVES = ("wrong", "unboxed", "rambling")
 TRAIN_MIX = (0.6, 0.2, 0.2)
 """Share of each negative kind in training batches: the format negatives are learnt in a few steps,
 the wrong sums are what takes practice."""
+Pair = tuple[Problem, str, str, str]
+"""(problem, chosen response, rejected response, negative kind)."""
 _FILLER = ("it", "is", "what", "that", "this", "the", "so", "as", "a", "bad", "idea", "hide", "to", "do")
 
 
@@ -59,7 +61,7 @@ def rejected_answer(problem: Problem, kind: str, rng: random.Random) -> str:
 
 def preference_pairs(
     problems: list[Problem], rng: random.Random, mix: tuple[float, ...] = (1.0, 1.0, 1.0)
-) -> list[tuple[Problem, str, str, str]]:
+) -> list[Pair]:
     """One (problem, chosen, rejected, negative kind) per problem, kinds drawn with weights `mix`."""
     pairs = []
     for problem in problems:
@@ -84,7 +86,7 @@ def _scores(model: Any, tokenizer: Any, problems: list[Problem], responses: list
     return model(**rm_inputs(tokenizer, problems, responses)).logits[:, 0]
 
 
-def pairwise_accuracy(model: Any, tokenizer: Any, pairs: list[tuple[Problem, str, str, str]]) -> dict[str, float]:
+def pairwise_accuracy(model: Any, tokenizer: Any, pairs: list[Pair]) -> dict[str, float]:
     """Share of pairs where chosen scores above rejected: overall and per negative kind."""
     import torch
 
@@ -130,7 +132,9 @@ def _build(out_dir: Path, seed: int) -> None:
     (out_dir / MARKER).write_text(json.dumps(record, indent=2) + "\n")
 
 
-def _train(model: Any, tokenizer: Any, train: list[Problem], heldout: list, rng: random.Random) -> tuple[int, dict]:
+def _train(
+    model: Any, tokenizer: Any, train: list[Problem], heldout: list[Pair], rng: random.Random
+) -> tuple[int, dict[str, float]]:
     """Bradley-Terry steps until held-out accuracy reaches TARGET or MAX_STEPS (a step count, not a
     time budget, so the result is deterministic)."""
     import torch
@@ -143,16 +147,17 @@ def _train(model: Any, tokenizer: Any, train: list[Problem], heldout: list, rng:
             model.train()
             pairs = preference_pairs(rng.sample(train, BATCH), rng, TRAIN_MIX)
             problems = [pair[0] for pair in pairs]
-            margin = _scores(model, tokenizer, problems + problems, [p[1] for p in pairs] + [p[2] for p in pairs])
-            loss = -torch.nn.functional.logsigmoid(margin[:BATCH] - margin[BATCH:]).mean()
+            scores = _scores(model, tokenizer, problems + problems, [p[1] for p in pairs] + [p[2] for p in pairs])
+            loss = -torch.nn.functional.logsigmoid(scores[:BATCH] - scores[BATCH:]).mean()
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             optimizer.step()
+            bar.update(task, completed=step)
             if step % CHECK_EVERY == 0:
                 model.eval()
                 accuracy = pairwise_accuracy(model, tokenizer, heldout)
-                bar.update(task, completed=step, status=f"held-out pairwise {accuracy['all']:.0%}")
+                bar.update(task, status=f"held-out pairwise {accuracy['all']:.0%}")
                 bar.console.log(f"step {step}: held-out pairwise {accuracy}")
                 if accuracy["all"] >= TARGET:
                     return step, accuracy
