@@ -106,6 +106,8 @@ class RewardSettings(ServiceSettings):
     """Padded tokens per reward-model forward pass (`CADENCE_RM_MAX_BATCH_TOKENS`)."""
     worker_batch: int = 16
     """Rollouts the queue worker reads and scores at once (`CADENCE_WORKER_BATCH`)."""
+    reclaim_idle_ms: int = Field(30_000, ge=100)
+    """A rollout left unacknowledged this long by a dead worker is taken over (`CADENCE_RECLAIM_IDLE_MS`)."""
 
     @field_validator("pool_processes", "max_items", "max_inflight_items", "worker_batch", "max_body_bytes")
     @classmethod

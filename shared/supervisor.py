@@ -32,6 +32,7 @@ class Child:
     name: str
     args: list[str]
     log_path: Path
+    env: dict[str, str] = field(default_factory=dict)
     proc: subprocess.Popen[bytes] | None = None
     started: float = field(default=0.0)
 
@@ -62,19 +63,33 @@ class Supervisor:
         log_dir.mkdir(parents=True, exist_ok=True)
 
     def start(self, name: str, args: Sequence[str], env: dict[str, str] | None = None) -> Child:
-        child = Child(name, list(args), self.log_dir / f"{name}.log")
-        with child.log_path.open("ab") as log:
-            child.proc = subprocess.Popen(
-                child.args,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL,
-                env={**self.env, **(env or {})},
-                start_new_session=True,
-                preexec_fn=_die_with_parent,
-            )
-        child.started = time.monotonic()
+        child = Child(name, list(args), self.log_dir / f"{name}.log", {**self.env, **(env or {})})
+        _spawn(child)
         self.children.append(child)
+        return child
+
+    def child(self, name: str) -> Child:
+        found = [child for child in self.children if child.name == name]
+        if not found:
+            raise KeyError(f"no child named {name!r}; children: {[c.name for c in self.children]}")
+        return found[0]
+
+    def kill(self, name: str, sig: signal.Signals = signal.SIGKILL) -> None:
+        """Send `sig` to a child's whole process group (fault injection: SIGKILL is a crash)."""
+        child = self.child(name)
+        if child.proc is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(child.proc.pid, sig)
+            if sig == signal.SIGKILL:
+                child.proc.wait()
+
+    def restart(self, name: str) -> Child:
+        """Start a child again with the same arguments and environment (after it died or was killed);
+        its log continues in the same file."""
+        child = self.child(name)
+        if child.alive:
+            raise RuntimeError(f"{name} is still running (pid {child.proc.pid}); kill or stop it first")
+        _spawn(child)
         return child
 
     def first_failure(self, ignore: Sequence[str] = ()) -> Child | None:
@@ -98,6 +113,20 @@ class Supervisor:
         deadline = time.monotonic() + grace
         for child in reversed(self.children):
             _wait_or_kill(child, max(0.1, deadline - time.monotonic()))
+
+
+def _spawn(child: Child) -> None:
+    with child.log_path.open("ab") as log:
+        child.proc = subprocess.Popen(
+            child.args,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            env=child.env,
+            start_new_session=True,
+            preexec_fn=_die_with_parent,
+        )
+    child.started = time.monotonic()
 
 
 def _terminate(child: Child, grace: float) -> None:

@@ -95,7 +95,11 @@ class RewardService:
             log.warning("queue worker off: no run to serve; set CADENCE_RUN_ID (or --run-id) to consume rollouts")
             return
         worker = RewardWorker(
-            self.scorer, self.settings.redis_url, self.settings.run_id, batch=self.settings.worker_batch
+            self.scorer,
+            self.settings.redis_url,
+            self.settings.run_id,
+            batch=self.settings.worker_batch,
+            reclaim_idle_ms=self.settings.reclaim_idle_ms,
         )
         thread = threading.Thread(target=worker.run, args=(self._stop_worker,), name="reward-worker", daemon=True)
         thread.start()

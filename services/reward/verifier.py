@@ -17,6 +17,7 @@ import logging
 import multiprocessing
 import multiprocessing.connection
 import queue
+import re
 import signal
 import threading
 import time
@@ -101,6 +102,22 @@ def wrap_reference(reference: str) -> str:
     if _BOXED in stripped or stripped.startswith(("$", "\\(", "\\[")):
         return stripped
     return f"\\boxed{{{stripped}}}"
+
+
+_INTEGER = re.compile(r"[+-]?\d{1,64}")
+
+
+def integer_verdict(answer: str, reference: str) -> Verdict | None:
+    """The verdict for a boxed integer against an integer reference, without math-verify; else None.
+
+    Integers compare exactly, so this agrees with math-verify by construction, and it skips the ~1.4 ms
+    parse + verify (plus a pool round trip) that most toy and many MATH answers would otherwise cost.
+    """
+    predicted = answer[len(_BOXED) + 1 : -1].strip() if answer.startswith(_BOXED + "{") else None
+    gold = reference.strip().removeprefix(_BOXED + "{").removesuffix("}").strip() if reference else ""
+    if predicted is None or not _INTEGER.fullmatch(predicted) or not _INTEGER.fullmatch(gold):
+        return None
+    return Verdict(1.0, "correct") if int(predicted) == int(gold) else Verdict(0.0, "incorrect")
 
 
 def check(answer: str, reference: str) -> Verdict:
@@ -236,6 +253,10 @@ class MathVerifier:
         answer = extract_answer(response)
         if answer is None:
             future.set_result(NO_ANSWER)
+            return future
+        fast = integer_verdict(answer, reference)
+        if fast is not None:
+            future.set_result(fast)
             return future
         self._tasks.put(_Task(answer, wrap_reference(reference), future))
         return future

@@ -7,6 +7,8 @@
 - Crash consistency: scored entries are acknowledged only once a checkpoint covering them is written,
   so a restarted trainer re-reads exactly the samples of the steps it lost and replays them; versions the
   broker already holds are never published again; metrics and ledger lines after the checkpoint are cut.
+- Faults: an unreachable broker is waited out; a broker that restarted empty gets the newest version again;
+  Redis losing the run's data (no persistence) stops the run with a message naming the fix.
 """
 
 from __future__ import annotations
@@ -15,14 +17,15 @@ import json
 import threading
 import time
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from prometheus_client import Counter, Gauge
 
 from cadence import streams
-from cadence.errors import CadenceRuleViolation, InvalidRequest
+from cadence.errors import CadenceRuleViolation, IntegrityError, InvalidRequest, NotReady
 from cadence.logging import get_logger
 from cadence.trainer.feeder import Feeder, allowed_versions
 from cadence.trainer.update import Group, StepPlan, broadcast_plan, execute
@@ -37,7 +40,13 @@ REJECTED = Counter("cadence_trainer_rejected_rollouts_total", "Rollouts refused 
 DUPLICATES = Counter("cadence_trainer_duplicate_rollouts_total", "Duplicate or late rollouts dropped")
 STEP_SECONDS = Gauge("cadence_trainer_step_seconds", "Wall time of the last step", ["phase"])
 HIST_BINS = 10
+META_MARK = "state"  # set when the run starts: its absence later means Redis lost the run's data
 MAX_ATTEMPTS = 3
+BROKER_PATIENCE_SECONDS = 600.0
+"""How long a publish waits out an unreachable broker before the trainer gives up."""
+BROKER_CHECK_SECONDS = 10.0
+"""While waiting this long for a step's samples, check that the broker still holds our newest version."""
+T = TypeVar("T")
 
 
 @dataclass
@@ -101,7 +110,7 @@ class TrainLoop:
         self._resume()
         if not self.stop_requested.is_set():
             self.status.state = "training"
-        self._write_meta()
+        self._write_meta(first=True)
         while self.status.step < self.config.steps and not self.stop_requested.is_set():
             if not self._one_step():
                 break
@@ -177,24 +186,59 @@ class TrainLoop:
     def _publish(self, state: dict | None, version: int) -> None:
         """Upload `version` unless the broker already holds it (a replay after a restart)."""
         assert state is not None
-        latest = self.transport.latest()
+        latest = self._broker(self.transport.latest, "read the broker's latest version")
         if latest is not None and latest.version >= version:
             log.warning(
                 "version %d already published (broker has %d); not publishing it again", version, latest.version
             )
         else:
-            self.transport.publish(state, version)
+            self._broker(lambda: self.transport.publish(state, version), f"publish version {version}")
         self.status.version = version
         VERSION.set(version)
+
+    def _broker(self, call: Callable[[], T], what: str) -> T:
+        """A broker call that outlives a broker restart: `NotReady` (after the client's own retries) is
+        retried with backoff for up to `BROKER_PATIENCE_SECONDS`, so a restarting broker never kills a run."""
+        started, delay = time.monotonic(), 1.0
+        while True:
+            try:
+                return call()
+            except NotReady as error:
+                if time.monotonic() - started > BROKER_PATIENCE_SECONDS or self.stop_requested.is_set():
+                    raise
+                log.warning("broker unavailable (%s) during: %s; retrying in %.0fs", error, what, delay)
+                time.sleep(delay)
+                delay = min(delay * 2, 30.0)
+
+    def _republish_if_lost(self) -> None:
+        """A broker restarted without a persistent store has lost our newest version, and workers that need it
+        would wait forever: publish it again, if the weights still are that version (no step since)."""
+        version = self.status.version
+        if version == 0 or self.status.step != version:
+            return
+        latest = self._broker(self.transport.latest, "read the broker's latest version")
+        if latest is not None and latest.version >= version:
+            return
+        log.warning("the broker lost version %d (it has %s); publishing it again", version, latest and latest.version)
+        plan = StepPlan(self.status.step, gather=True)
+        self._broadcast(plan)
+        _, state = execute(self.engine, self.tokenizer, plan, self.run_dir)
+        assert state is not None
+        self._broker(lambda: self.transport.publish(state, version), f"publish version {version} again")
 
     # -- reading the scored stream ---------------------------------------------------------------------
 
     def _collect(self, step: int) -> tuple[list[Group] | None, list[str]]:
         """Block until step `step`'s batch is complete (or a stop): its groups and entry ids."""
         want = self.config.batch_prompts
+        checked = time.monotonic()
         while len(self.buffer[step]) + len(self.given_up[step]) < want:
             if self.stop_requested.is_set():
                 return None, []
+            self._check_run_data()
+            if time.monotonic() - checked > BROKER_CHECK_SECONDS:
+                self._republish_if_lost()
+                checked = time.monotonic()
             self.feeder.top_up(step, self.status.version)
             count = 100_000 if self.first_read else max(want, 16)
             self.first_read = False
@@ -328,9 +372,31 @@ class TrainLoop:
             compute,
         )
 
-    def _write_meta(self) -> None:
+    def _write_meta(self, first: bool = False) -> None:
+        """Update the run's meta hash; after the first write, finding it gone means Redis lost the run."""
         fields = {"state": self.status.state, "step": self.status.step, "version": self.status.version}
-        streams.write_meta(self.client, self.run_id, fields)
+        key = streams.meta_key(self.run_id)
+
+        def call() -> bool:
+            pipe = self.client.pipeline(transaction=True)
+            pipe.hexists(key, META_MARK)
+            pipe.hset(key, mapping=fields)
+            return bool(pipe.execute()[0])
+
+        if not streams.retrying(call, "write run meta") and not first:
+            raise _data_lost(self.run_id)
+
+    def _check_run_data(self) -> None:
+        if not streams.retrying(lambda: self.client.hexists(streams.meta_key(self.run_id), META_MARK), "hexists"):
+            raise _data_lost(self.run_id)
+
+
+def _data_lost(run_id: str) -> IntegrityError:
+    return IntegrityError(
+        f"Redis lost run {run_id}'s data (its meta hash {streams.meta_key(run_id)} vanished: Redis restarted "
+        "without persistence or was flushed); in-flight prompts and samples are gone, so the run cannot go on "
+        "exactly once. Turn Redis persistence on (appendonly yes; the chart and `cadence run` do) and restart the run"
+    )
 
 
 def _tensorboard(run_dir: Path) -> Any:

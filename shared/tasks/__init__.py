@@ -10,6 +10,7 @@ and any JSONL/Parquet file or `datasets` name. `load_problems(task)` is the one 
 from __future__ import annotations
 
 import re
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -69,7 +70,8 @@ def load_problems(task: TaskConfig, data_dir: Path | None = None, seed: int = 0)
 def _dispatch(task: TaskConfig, data_dir: Path | None, seed: int) -> list[Problem]:
     dataset = task.dataset
     if dataset == "toy":
-        return load_toy(task.split, seed)
+        # the toy prompts serve both paths: checked by the verifier (math) or scored by the tiny RM (chat)
+        return [replace(problem, kind=task.kind) for problem in load_toy(task.split, seed)]
     if dataset in BENCHMARKS:
         return load_benchmark(dataset, data_dir)
     name, sep, source = dataset.partition(":")

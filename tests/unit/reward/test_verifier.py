@@ -176,3 +176,23 @@ def test_workers_killed_from_outside_mid_item_are_replaced_and_the_item_retried(
     assert future.result(timeout=verifier.item_timeout + 10).reason == "timeout"  # retried, then hit its deadline
     assert verifier.restarts >= restarts + 3
     assert verifier.wait_ready(30.0)
+
+
+@pytest.mark.parametrize(
+    ("answer", "reference"),
+    [("167", "167"), ("166", "167"), ("007", "7"), ("-3", "-3"), ("+5", "5"), ("0", "-0"), ("12", "\\boxed{12}")],
+)
+def test_integer_fast_path_agrees_with_math_verify(answer: str, reference: str) -> None:
+    """The shortcut for integers must give exactly math-verify's verdict (it only skips the cost)."""
+    from cadence.reward.verifier import check, integer_verdict, wrap_reference
+
+    boxed = f"\\boxed{{{answer}}}"
+    assert integer_verdict(boxed, reference) == check(boxed, wrap_reference(reference))
+
+
+def test_integer_fast_path_declines_non_integers() -> None:
+    from cadence.reward.verifier import integer_verdict
+
+    assert integer_verdict("\\boxed{3.5}", "3.5") is None
+    assert integer_verdict("\\boxed{12}", "\\frac{1}{2}") is None
+    assert integer_verdict("the answer is 12", "12") is None
