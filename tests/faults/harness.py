@@ -32,9 +32,9 @@ BASE = {
     "run_id": "fault",
     "algorithm": {"type": "dpo", "beta": 0.1},
     "sync_every": 1,
-    "steps": 8,
+    "steps": 16,
     "batch_prompts": 4,
-    "sampling": {"n": 4, "max_tokens": 14},
+    "sampling": {"n": 8, "max_tokens": 14},
     "optimizer": {"lr": 5.0e-4, "eps": 1.0e-4, "grad_clip": 1.0},
     "tasks": [{"name": "toy-addition", "kind": "math", "dataset": "toy", "split": "train"}],
     "inference": {"engine": "hf", "workers": 1},
@@ -69,7 +69,7 @@ def after_step(n: int) -> Moment:
 
 def pending_at(kind: streams.Kind) -> Moment:
     """Some entry of `kind` is delivered to its stage but not yet acknowledged (work in progress)."""
-    return lambda run: len(run.metrics()) >= 1 and run.pending(kind) > 0
+    return lambda run: run.pending(kind) > 0
 
 
 MOMENTS: dict[str, Moment] = {
@@ -77,6 +77,7 @@ MOMENTS: dict[str, Moment] = {
     "step2": after_step(2),
     "step4": after_step(4),
     "step6": after_step(6),
+    "step8": after_step(8),
     "mid-generation": pending_at("prompts"),
     "mid-scoring": pending_at("rollouts"),
 }
@@ -110,7 +111,7 @@ class FaultRun:
                 raise AssertionError(f"the run ended before {what}; the fault could not be injected")
             if time.monotonic() > deadline:
                 raise AssertionError(f"{what} not reached in {timeout:.0f}s\n{self.logs()}")
-            time.sleep(0.02)
+            time.sleep(0.002)  # scoring a batch takes a few milliseconds
 
     def inject(self, fault: Fault) -> None:
         """Wait for the fault's moment, then kill and restart (or freeze and thaw) its service."""

@@ -17,7 +17,8 @@ def good() -> list[dict]:
     for step in range(3):
         version = 2 * (step // 2)
         ids = [f"t{step}.{slot}:toy-{step}+{slot}" for slot in range(2)]
-        rows.append({"step": step, "prompt_ids": ids, "policy_versions": [version] * 2, "samples": 8})
+        samples = 2 * CONFIG.sampling.n
+        rows.append({"step": step, "prompt_ids": ids, "policy_versions": [version] * 2, "samples": samples})
     return rows
 
 
@@ -35,7 +36,7 @@ def test_a_correct_ledger_passes() -> None:
         lambda rows: rows[1]["prompt_ids"].__setitem__(1, "t1.0:toy-again"),  # a slot filled twice
         lambda rows: rows[2]["policy_versions"].__setitem__(0, 0),  # stale version: cadence rule broken
         lambda rows: rows[1]["policy_versions"].__setitem__(0, 2),  # a version from the future
-        lambda rows: rows[0].__setitem__("samples", 7),  # a sample not scored
+        lambda rows: rows[0].__setitem__("samples", rows[0]["samples"] - 1),  # a sample not scored
     ],
     ids=["missing-step", "step-twice", "missing-prompt", "prompt-twice", "slot-twice", "stale", "future", "samples"],
 )
