@@ -191,7 +191,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--mb", type=int, default=256, help="state dict size in MiB")
     parser.add_argument("--repeats", type=int, default=3, help="runs per throughput figure (best is kept)")
+    parser.add_argument("--quick", action="store_true", help="64 MiB, one repeat")
     args = parser.parse_args()
+    if args.quick:
+        args.mb, args.repeats = 64, 1
     proc, target = start_broker()
     try:
         rows, version = throughput(target, args.mb, args.repeats)

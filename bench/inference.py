@@ -119,7 +119,10 @@ def bench_model(model: str, model_dir: Path, broker: str) -> list[dict[str, Any]
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", default="smollm2,tiny", help="comma-separated: smollm2, tiny")
+    parser.add_argument("--quick", action="store_true", help="the tiny model only")
     args = parser.parse_args()
+    if args.quick:
+        args.models = "tiny"
     os.environ.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")
     import torch
 

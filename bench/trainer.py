@@ -105,7 +105,10 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--skip-smollm2", action="store_true")
+    parser.add_argument("--quick", action="store_true", help="3 steps, tiny model only")
     args = parser.parse_args()
+    if args.quick:
+        args.steps, args.skip_smollm2 = 3, True
     torch.set_num_threads(args.threads)
     from cadence.models.tiny import save_untrained_tiny
 

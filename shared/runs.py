@@ -8,13 +8,18 @@ services with the run id set.
 
 from __future__ import annotations
 
+import threading
 import time
+from collections.abc import Callable
 
 import redis
 
 from cadence.config import RunConfig, dump_run_config, parse_run_config
 from cadence.errors import Conflict
+from cadence.logging import get_logger
 from cadence.streams import meta_key, read_meta, retrying, write_meta
+
+log = get_logger(__name__)
 
 SUBMISSIONS_KEY = "cadence:submissions"
 ACTIVE_RUN_KEY = "cadence:active_run"
@@ -64,3 +69,41 @@ def wait_for_active_run(client: redis.Redis, poll_seconds: float = 1.0, timeout_
         if deadline is not None and time.monotonic() > deadline:
             raise TimeoutError(f"no active run after {timeout_seconds}s; submit one with `cadence run --attach`")
         time.sleep(poll_seconds)
+
+
+def follow_active_runs(
+    client: redis.Redis,
+    serve_run: Callable[[str, threading.Event], None],
+    stop: threading.Event,
+    poll_seconds: float = 2.0,
+) -> None:
+    """Serve whichever run is active, switching when another run becomes active.
+
+    `serve_run(run_id, run_stop)` works on one run until `run_stop` is set; it is started for the active
+    run, stopped when the active run changes or `stop` is set, and its exception (if any) is re-raised.
+    """
+    while not stop.is_set():
+        run_id = active_run(client)
+        if not run_id:
+            stop.wait(poll_seconds)
+            continue
+        log.info("serving run %s", run_id)
+        run_stop = threading.Event()
+        failure: list[BaseException] = []
+
+        def target(
+            run_id: str = run_id, run_stop: threading.Event = run_stop, failure: list[BaseException] = failure
+        ) -> None:
+            try:
+                serve_run(run_id, run_stop)
+            except BaseException as error:
+                failure.append(error)
+
+        thread = threading.Thread(target=target, name=f"run-{run_id}", daemon=True)
+        thread.start()
+        while not stop.is_set() and thread.is_alive() and active_run(client) == run_id:
+            stop.wait(poll_seconds)
+        run_stop.set()
+        thread.join()
+        if failure:
+            raise failure[0]

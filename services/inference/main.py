@@ -10,9 +10,10 @@ torch and vLLM are imported only inside `serve`, so `--help` stays instant.
 from __future__ import annotations
 
 import threading
-from typing import TYPE_CHECKING
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any
 
-from cadence.errors import ConfigError
+from cadence.logging import get_logger
 from cadence.settings import InferenceSettings, default_port
 
 if TYPE_CHECKING:
@@ -27,16 +28,11 @@ def serve(settings: InferenceSettings) -> None:
     from cadence.inference.engine import create_engine, resolve_engine_kind
     from cadence.inference.server import InferenceServicer
     from cadence.inference.worker import default_worker_id
-    from cadence.logging import get_logger, setup_logging
+    from cadence.logging import setup_logging
     from cadence.metrics import serve_metrics
     from cadence.models import resolve_model
     from cadence.v1 import inference_pb2_grpc
 
-    if settings.worker and not settings.run_id:
-        raise ConfigError(
-            "the rollout worker needs a run: set CADENCE_RUN_ID (or --run-id), or pass --no-worker to serve "
-            "Generate only"
-        )
     kind = resolve_engine_kind(settings.engine)
     setup_logging("inference", settings.log_level, settings.log_format)
     log = get_logger(__name__)
@@ -47,7 +43,13 @@ def serve(settings: InferenceSettings) -> None:
     server = ServiceServer("inference", settings.host, settings.grpc_port or default_port("inference"))
     runner: _WorkerThread | None = None
     try:
-        worker = _build_worker(settings, engine, worker_id) if settings.worker else None
+        worker: RolloutWorker | _RunFollower | None = None
+        if settings.worker:
+            worker = (
+                _build_worker(settings, engine, worker_id, settings.run_id)
+                if settings.run_id
+                else _RunFollower(settings, engine, worker_id, model_dir)
+            )
         servicer = InferenceServicer(
             engine, settings.model, worker_id=worker_id, pending=worker.pending_prompts if worker else None
         )
@@ -65,7 +67,7 @@ def serve(settings: InferenceSettings) -> None:
         raise SystemExit(1)
 
 
-def _build_worker(settings: InferenceSettings, engine: Engine, worker_id: str) -> RolloutWorker:
+def _build_worker(settings: InferenceSettings, engine: Engine, worker_id: str, run_id: str) -> RolloutWorker:
     from cadence.clients.broker import BrokerClient
     from cadence.inference.worker import RolloutWorker
     from cadence.streams import connect
@@ -73,18 +75,59 @@ def _build_worker(settings: InferenceSettings, engine: Engine, worker_id: str) -
     return RolloutWorker(
         engine,
         connect(settings.redis_url),
-        settings.run_id,
-        BrokerClient(settings.broker_addr, settings.run_id),
+        run_id,
+        BrokerClient(settings.broker_addr, run_id),
         worker_id=worker_id,
         batch_prompts=settings.batch_prompts,
         reclaim_idle_ms=settings.reclaim_idle_ms,
     )
 
 
+class _RunFollower:
+    """Without CADENCE_RUN_ID: serve whichever run is active (`cadence run --attach`), from its seed weights."""
+
+    def __init__(self, settings: InferenceSettings, engine: Engine, worker_id: str, model_dir: Any) -> None:
+        self.settings, self.engine, self.worker_id, self.model_dir = settings, engine, worker_id, model_dir
+        self.current: RolloutWorker | None = None
+
+    def pending_prompts(self) -> int:
+        return self.current.pending_prompts() if self.current else 0
+
+    def close(self) -> None:
+        if self.current is not None:
+            self.current.close()
+
+    def run(self, stop: threading.Event) -> None:
+        from cadence.runs import follow_active_runs
+        from cadence.streams import connect
+
+        get_logger(__name__).info("no CADENCE_RUN_ID: following the active run (`cadence run --attach`)")
+        follow_active_runs(connect(self.settings.redis_url), self._serve_run, stop)
+
+    def _serve_run(self, run_id: str, run_stop: threading.Event) -> None:
+        if self.engine.version != 0:  # a new run starts from the seed, version 0
+            self.engine.load_weights(_seed_tensors(self.model_dir), version=0)
+        self.current = _build_worker(self.settings, self.engine, self.worker_id, run_id)
+        try:
+            self.current.run(run_stop)
+        finally:
+            self.current.close()
+
+
+def _seed_tensors(model_dir: Any) -> Iterator[tuple[str, Any]]:
+    """The seed model's tensors, read from its safetensors files."""
+    from pathlib import Path
+
+    from safetensors.torch import load_file
+
+    for path in sorted(Path(model_dir).glob("*.safetensors")):
+        yield from load_file(path).items()
+
+
 class _WorkerThread:
     """Runs the worker beside the server; a crash stops the server so the process exits (and is restarted)."""
 
-    def __init__(self, worker: RolloutWorker, server: ServiceServer) -> None:
+    def __init__(self, worker: RolloutWorker | _RunFollower, server: ServiceServer) -> None:
         self.worker, self.server = worker, server
         self.crashed = False
         self._stop = threading.Event()
@@ -92,8 +135,6 @@ class _WorkerThread:
         self._thread.start()
 
     def _run(self) -> None:
-        from cadence.logging import get_logger
-
         try:
             self.worker.run(self._stop)
         except Exception:

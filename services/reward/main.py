@@ -91,19 +91,31 @@ class RewardService:
             self._start_worker()
 
     def _start_worker(self) -> None:
-        if not self.settings.run_id:
-            log.warning("queue worker off: no run to serve; set CADENCE_RUN_ID (or --run-id) to consume rollouts")
-            return
+        """Consume the configured run's rollouts, or (no run id) whichever run the fleet serves now."""
+        if self.settings.run_id:
+            target, args = self._serve_run, (self.settings.run_id, self._stop_worker)
+        else:
+            log.info("no CADENCE_RUN_ID: the queue worker follows the active run (`cadence run --attach`)")
+            target, args = self._follow_runs, ()
+        thread = threading.Thread(target=target, args=args, name="reward-worker", daemon=True)
+        thread.start()
+        self._threads.append(thread)
+
+    def _serve_run(self, run_id: str, stop: threading.Event) -> None:
         worker = RewardWorker(
             self.scorer,
             self.settings.redis_url,
-            self.settings.run_id,
+            run_id,
             batch=self.settings.worker_batch,
             reclaim_idle_ms=self.settings.reclaim_idle_ms,
         )
-        thread = threading.Thread(target=worker.run, args=(self._stop_worker,), name="reward-worker", daemon=True)
-        thread.start()
-        self._threads.append(thread)
+        worker.run(stop)
+
+    def _follow_runs(self) -> None:
+        from cadence.runs import follow_active_runs
+        from cadence.streams import connect
+
+        follow_active_runs(connect(self.settings.redis_url), self._serve_run, self._stop_worker)
 
     def drain(self) -> None:
         """Stop taking work: not ready, worker stops after its batch, HTTP finishes in-flight requests."""

@@ -93,6 +93,8 @@ class TrainLoop:
         self.duplicates = 0
         self.attempts: dict[str, int] = defaultdict(int)
         self.given_up: dict[int, set[str]] = defaultdict(set)
+        self.stage_calls: dict[int, set[tuple[str, str, float]]] = defaultdict(set)
+        """Per step: distinct (stage, worker, seconds) of the engine/scorer calls behind its rollouts."""
         self.first_read = True  # the first read takes every entry left pending by a previous process
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.tensorboard = _tensorboard(self.run_dir)
@@ -265,6 +267,9 @@ class TrainLoop:
             self._reject(entry.id, rollout.prompt, error)
             return
         self.buffer[target][prompt_id] = (entry.id, group)
+        calls = self.stage_calls[target]
+        calls.add(("generation", rollout.worker_id, rollout.generation_seconds))
+        calls.add(("scoring", "", entry.message.scoring_seconds))
 
     def _reject(self, entry_id: str, prompt: common_pb2.Prompt, error: Exception) -> None:
         """Count and log a bad rollout; re-enqueue its prompt, up to `MAX_ATTEMPTS` times per prompt, after
@@ -342,6 +347,7 @@ class TrainLoop:
             "time_compute": compute,
             "time_publish": publish,
             "step_time": time.monotonic() - start,
+            **self._stage_times(step),
             **{k: v for k, v in metrics.items() if k not in ("loss", "pairs_kept", "pairs_skipped")},
         }
         _append(self.run_dir / "metrics.jsonl", row)
@@ -371,6 +377,12 @@ class TrainLoop:
             wait,
             compute,
         )
+
+    def _stage_times(self, step: int) -> dict[str, float]:
+        """Generation and scoring seconds behind a step's rollouts: every rollout of one engine (or scorer)
+        call carries that call's duration, so each distinct call counts once."""
+        calls = self.stage_calls.pop(step, set())
+        return {f"time_{stage}": sum(s for name, _, s in calls if name == stage) for stage in ("generation", "scoring")}
 
     def _write_meta(self, first: bool = False) -> None:
         """Update the run's meta hash; after the first write, finding it gone means Redis lost the run."""

@@ -23,20 +23,37 @@ from cadence.settings import TrainerSettings, default_port
 log = get_logger(__name__)
 
 
-def _load(settings: TrainerSettings) -> tuple[RunConfig, str]:
+def _load(settings: TrainerSettings) -> tuple[RunConfig, str, TrainerSettings]:
+    """The run: from --config, or (without one) the next run submitted with `cadence run --attach`."""
     if settings.config is None:
-        raise ConfigError("the trainer needs a run config: pass --config RUN.yaml or set CADENCE_CONFIG")
+        return _claim_submission(settings)
     config = load_run_config(settings.config)
     run_id = settings.run_id or config.run_id
     if not run_id:
         raise ConfigError("no run id: set run_id in the config or CADENCE_RUN_ID")
-    return config, run_id
+    return config, run_id, settings
+
+
+def _claim_submission(settings: TrainerSettings) -> tuple[RunConfig, str, TrainerSettings]:
+    """Wait for a submitted run; its folder is `<run_dir>/<run_id>`. Rank 0 only (ranks > 0 need --config)."""
+    from cadence import runs, streams
+
+    if int(os.environ.get("RANK", "0")) != 0:
+        raise ConfigError("multi-process trainers need --config (CADENCE_CONFIG) on every rank")
+    log.info("no --config: waiting for a run submitted with `cadence run CONFIG --attach`")
+    config = runs.claim_next(streams.connect(settings.redis_url))
+    assert config is not None  # blocks until a submission arrives
+    run_dir = settings.run_dir / config.run_id
+    log.info("claimed run %s", config.run_id, extra={"run_dir": str(run_dir)})
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.yaml").write_text(dump_run_config(config))  # the report reads it
+    return config, config.run_id, settings.model_copy(update={"run_dir": run_dir})
 
 
 def serve(settings: TrainerSettings) -> None:
     """Run the trainer for the configured run; rank 0 also feeds prompts and serves gRPC."""
     setup_logging("trainer", settings.log_level, settings.log_format)
-    config, run_id = _load(settings)
+    config, run_id, settings = _load(settings)
     from transformers import AutoTokenizer
 
     from cadence.models import resolve_model

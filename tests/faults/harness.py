@@ -22,6 +22,7 @@ import redis
 
 from cadence import streams
 from cadence.config import RunConfig, dump_run_config, parse_run_config
+from cadence.errors import NotReady
 from cadence.launcher import LocalRun, ServiceFailed, make_plan
 from cadence.v1 import common_pb2
 
@@ -81,6 +82,25 @@ MOMENTS: dict[str, Moment] = {
     "mid-generation": pending_at("prompts"),
     "mid-scoring": pending_at("rollouts"),
 }
+
+
+class _Local(LocalRun):
+    """The launcher's run, but `start` returns once every service except the trainer answers its health check:
+    the harness follows the trainer from its first step (a toy step takes a fraction of a second)."""
+
+    def _wait_healthy(self, timeout: float = 600.0) -> None:
+        from cadence.grpc import wait_healthy
+
+        deadline = time.monotonic() + timeout
+        for child in self.supervisor.children:
+            while child.name not in ("redis", "trainer"):
+                self.raise_if_failed()
+                try:
+                    wait_healthy(f"127.0.0.1:{self._port_of(child.name)}", timeout=2.0)
+                    break
+                except NotReady:
+                    if time.monotonic() > deadline:
+                        raise
 
 
 class FaultRun:
@@ -174,7 +194,7 @@ def start_run(
     plan = make_plan(config, runs_root, redis_url=redis_url, engine="hf")
     plan.run_dir.mkdir(parents=True)
     (plan.run_dir / "config.yaml").write_text(dump_run_config(plan.config))
-    local = LocalRun(plan, str(model_dir))
+    local = _Local(plan, str(model_dir))
     local.supervisor.env["CADENCE_RECLAIM_IDLE_MS"] = str(RECLAIM_IDLE_MS)
     local.supervisor.env["CADENCE_POOL_PROCESSES"] = "1"
     try:

@@ -107,7 +107,7 @@ def test_a_worker_dying_mid_batch_loses_and_doubles_nothing(redis_url: str, scor
     check_exactly_once(scored(redis_url), 30)
 
 
-def test_a_failed_backend_is_retried_never_zeroed(redis_url: str) -> None:
+def test_a_failed_backend_is_retried_never_zeroed(redis_url: str, caplog: pytest.LogCaptureFixture) -> None:
     produce(redis_url, 5)
     broken = MathVerifier(processes=1, item_timeout=3.0)
     broken.close()  # submitting to a closed pool fails, like a dead backend
@@ -117,6 +117,7 @@ def test_a_failed_backend_is_retried_never_zeroed(redis_url: str) -> None:
     time.sleep(1.5)
     assert scored(redis_url) == [], "a failing backend must not produce zero rewards"
     assert metrics.WORKER_FAILURES._value.get() >= failures + 2
+    assert "scoring 5 rollouts failed, retrying" in caplog.text  # the outage is said, not hidden
     healthy = MathVerifier(processes=1, item_timeout=3.0)
     try:
         scorer.verifier = healthy  # the backend comes back

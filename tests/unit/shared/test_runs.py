@@ -52,3 +52,44 @@ def test_cli_attach_without_redis_url_says_what_to_set() -> None:
     config = Path(__file__).resolve().parents[3] / "configs" / "toy-online-dpo.yaml"
     result = CliRunner().invoke(app, ["run", str(config), "--attach"], env={"CADENCE_REDIS_URL": ""})
     assert isinstance(result.exception, ConfigError) or "CADENCE_REDIS_URL" in result.output
+
+
+def test_follow_switches_to_the_newly_active_run(redis_url: str) -> None:
+    import threading
+    import time
+
+    client = streams.connect(redis_url)
+    served: list[str] = []
+    stopped: list[str] = []
+
+    def serve_run(run_id: str, run_stop: threading.Event) -> None:
+        served.append(run_id)
+        run_stop.wait()
+        stopped.append(run_id)
+
+    stop = threading.Event()
+    follower = threading.Thread(target=runs.follow_active_runs, args=(client, serve_run, stop, 0.05))
+    follower.start()
+    for run_id in ("first", "second"):
+        runs.submit(client, parse_run_config({"run_id": run_id}))
+        runs.claim_next(client, timeout_seconds=1)
+        deadline = time.monotonic() + 5
+        while run_id not in served and time.monotonic() < deadline:
+            time.sleep(0.02)
+    stop.set()
+    follower.join(5)
+    assert served == ["first", "second"] and stopped == ["first", "second"]
+
+
+def test_follow_reraises_a_crash(redis_url: str) -> None:
+    import threading
+
+    client = streams.connect(redis_url)
+    runs.submit(client, parse_run_config({"run_id": "boom"}))
+    runs.claim_next(client, timeout_seconds=1)
+
+    def serve_run(run_id: str, run_stop: threading.Event) -> None:
+        raise RuntimeError(f"worker for {run_id} crashed")
+
+    with pytest.raises(RuntimeError, match="worker for boom crashed"):
+        runs.follow_active_runs(client, serve_run, threading.Event(), 0.05)

@@ -1,0 +1,82 @@
+"""Shared by `bench.pipeline` and `bench.paper`: run `cadence run` on a toy config and read what it wrote.
+
+Each run is a real local run (redis-server, broker, reward, inference and trainer processes) in its own
+folder under `bench/results/runs/`; its console output goes to `<folder>.log`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from bench._common import RESULTS
+
+ROOT = Path(__file__).resolve().parent.parent
+RUNS = RESULTS / "runs"
+DIST_ENV = ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE")
+
+
+@dataclass
+class Run:
+    """A finished run: its folder, metrics rows, evaluations and wall-clock of the whole command."""
+
+    name: str
+    folder: Path
+    metrics: list[dict[str, Any]]
+    before: dict[str, Any] | None
+    after: dict[str, Any] | None
+    seconds: float
+
+    def series(self, key: str) -> list[float]:
+        return [row[key] for row in self.metrics if row.get(key) is not None]
+
+
+def cadence_run(name: str, config: str, overrides: list[str], timeout: float = 900.0) -> Run:
+    """`cadence run configs/<config>.yaml --set ...` as run `name`; raises when it fails."""
+    RUNS.mkdir(parents=True, exist_ok=True)
+    run_id = f"{name}-{os.getpid()}-{int(time.time() * 1000) % 10**8}"
+    args = [sys.executable, "-m", "cadence.cli", "run", str(ROOT / "configs" / f"{config}.yaml")]
+    args += ["--runs-dir", str(RUNS), "--engine", "hf", "--set", f"run_id={run_id}"]
+    for override in overrides:
+        args += ["--set", override]
+    log = RUNS / f"{run_id}.log"
+    env = {k: v for k, v in os.environ.items() if k not in DIST_ENV}  # a TrainEngine in this process set them
+    started = time.monotonic()
+    with log.open("w") as handle:
+        code = subprocess.run(
+            args, stdout=handle, stderr=subprocess.STDOUT, cwd=ROOT, env=env, timeout=timeout
+        ).returncode
+    seconds = time.monotonic() - started
+    folders = sorted(RUNS.glob(f"{run_id}-*/"))
+    if code != 0 or not folders:
+        raise RuntimeError(f"run {name} failed (exit {code}); see {log}")
+    folder = folders[-1]
+    metrics = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines() if line]
+    return Run(name, folder, metrics, _json(folder / "eval_before.json"), _json(folder / "eval_after.json"), seconds)
+
+
+def _json(path: Path) -> dict[str, Any] | None:
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def mean(values: list[float]) -> float:
+    return statistics.fmean(values) if values else float("nan")
+
+
+def mean_sem(values: list[float]) -> tuple[float, float]:
+    """Mean and standard error of the mean (0 for a single value)."""
+    if len(values) < 2:
+        return mean(values), 0.0
+    return statistics.fmean(values), statistics.stdev(values) / len(values) ** 0.5
+
+
+def load_average() -> str:
+    one, five, fifteen = os.getloadavg()
+    return f"{one:.2f} / {five:.2f} / {fifteen:.2f}"

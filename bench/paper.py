@@ -1,0 +1,239 @@
+"""The paper's Table 1 in miniature: every regime from the same tiny seed on the toy addition task.
+
+Each regime is a real `cadence run` with the same seed model, prompts (per seed), optimizer steps and
+samples per step (32 prompts × 8): offline DPO, semi-online DPO (s = 4 and 16), online DPO and GRPO,
+repeated over seeds (mean ± standard error); then, once each, online DPO without reference sync, the
+tiny-RM-scored run and the mixed run. Held-out accuracy: k samples per problem on the toy test split.
+
+Time to accuracy: the runs save a checkpoint every `steps / 4` steps; for seed 0 each checkpoint is
+evaluated afterwards (one HF engine, weights swapped in), and its wall-clock is the sum of the trainer's
+step times up to it (service start-up excluded, the same for every regime). The target is online DPO's
+final accuracy minus 2 points. Evaluating checkpoints afterwards costs a few seconds each, where
+re-running each regime at several step budgets would multiply the runs.
+
+Run: `.venv/bin/python -m bench.paper [--quick]` (full ~20 min, --quick ~3 min on 2 cores).
+Writes bench/results/paper.md, paper.json and PNGs.
+"""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from bench._common import RESULTS, print_table, record, row
+from bench._runs import Run, cadence_run, load_average, mean_sem
+
+MAIN = [
+    ("offline DPO", "toy-offline-dpo", []),
+    ("semi-online DPO (s = 4)", "toy-semi-online-dpo", ["sync_every=4"]),
+    ("semi-online DPO (s = 16)", "toy-semi-online-dpo", ["sync_every=16"]),
+    ("online DPO", "toy-online-dpo", []),
+    ("GRPO", "toy-grpo", []),
+]
+EXTRAS = [
+    ("online DPO, no reference sync", "toy-online-dpo", ["ref_sync_every=null"]),
+    ("semi-online DPO (s = 4), tiny-RM rewards", "toy-chat-rm-dpo", []),
+    ("mixed: verifier + tiny RM (s = 4)", "toy-mixed", []),
+]
+
+
+@dataclass
+class Setup:
+    steps: int
+    seeds: int
+    problems: int
+    k: int
+    regimes: list = field(default_factory=list)
+    extras: list = field(default_factory=list)
+
+    def overrides(self, seed: int) -> list[str]:
+        return [
+            f"steps={self.steps}",
+            f"seed={seed}",
+            f"checkpoint_every={max(1, self.steps // 4)}",
+            f"eval.max_problems={self.problems}",
+            f"eval.samples={self.k}",
+            "eval.temperature=0.6",
+            "eval.top_p=0.9",
+        ]
+
+
+def run_all(setup: Setup) -> dict[str, list[Run]]:
+    runs: dict[str, list[Run]] = {}
+    for seed in range(setup.seeds):
+        for label, config, extra in setup.regimes:
+            print(f"-- {label}, seed {seed}", flush=True)
+            runs.setdefault(label, []).append(cadence_run(_slug(label), config, setup.overrides(seed) + extra))
+    for label, config, extra in setup.extras:
+        print(f"-- {label}, seed 0", flush=True)
+        runs[label] = [cadence_run(_slug(label), config, setup.overrides(0) + extra)]
+    return runs
+
+
+def _slug(label: str) -> str:
+    return "".join(c if c.isalnum() else "-" for c in label.lower()).strip("-")[:30].strip("-")
+
+
+def accuracy_curve(run: Run, setup: Setup) -> list[tuple[int, float, float]]:
+    """(step, wall-clock seconds of training up to it, held-out accuracy) at the seed, each checkpoint and the end."""
+    import torch
+
+    from cadence.evaluation import evaluate_math, load_eval_problems
+    from cadence.inference.engine import create_engine
+
+    times = [0.0]
+    for metric in run.metrics:
+        times.append(times[-1] + metric["step_time"])
+    problems = load_eval_problems("toy", "test", setup.problems, seed=0)
+    curve = [(0, 0.0, run.before["accuracy"])]
+    folders = sorted((run.folder / "checkpoints").glob("step-*"), key=lambda p: int(p.name.split("-")[1]))
+    engine = create_engine("hf", run.folder / "final")
+    try:
+        for folder in folders:
+            step = int(folder.name.split("-")[1])
+            if step >= setup.steps:
+                continue
+            state = torch.load(folder / "mp_rank_00_model_states.pt", weights_only=False, map_location="cpu")
+            engine.load_weights(state["module"].items(), step)
+            summary = evaluate_math(engine, problems, samples=setup.k, temperature=0.6, top_p=0.9, max_tokens=14)
+            curve.append((step, times[step], summary.accuracy))
+    finally:
+        engine.close()
+    curve.append((setup.steps, times[-1], run.after["accuracy"]))
+    return curve
+
+
+def first_reaching(curve: list[tuple[int, float, float]], target: float) -> float | None:
+    """Training seconds to the first checkpoint (the seed itself excluded) at or above `target`."""
+    return next((seconds for step, seconds, accuracy in curve if step > 0 and accuracy >= target), None)
+
+
+def plot(runs: dict[str, list[Run]], labels: list[str], name: str, title: str) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for label in labels:
+        run = runs[label][0]
+        steps = [m["step"] for m in run.metrics]
+        axes[0].plot(steps, [m.get("entropy") or float("nan") for m in run.metrics], label=label)
+        axes[1].plot(steps, [m["length_mean"] for m in run.metrics], label=label)
+    axes[0].set(xlabel="step", ylabel="token entropy (nats)", title="entropy")
+    axes[1].set(xlabel="step", ylabel="mean response length (tokens)", title="length")
+    axes[1].legend(fontsize=7)
+    fig.suptitle(title)
+    fig.tight_layout()
+    path = RESULTS / f"{name}.png"
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def table(runs: dict[str, list[Run]], setup: Setup, reached: dict[str, float | None], target: float) -> str:
+    """Markdown shaped like the paper's Table 1 (one benchmark: the toy test split)."""
+    first = next(iter(runs.values()))
+    seed_acc, seed_sem = mean_sem([r.before["accuracy"] for r in first])
+    lines = [
+        f"# The paper's Table 1 in miniature (toy addition, tiny seed; {setup.steps} steps × 32 prompts × 8 samples)",
+        "",
+        f"Held-out accuracy on {setup.problems} toy test problems, k = {setup.k} samples each (T 0.6, top-p 0.9); "
+        f"mean ± standard error over {setup.seeds} seed(s) for the main regimes, one seed for the rest. "
+        f"Time to target: training wall-clock to first reach {100 * target:.1f} % (online DPO's final − 2 points), "
+        f"checked every {max(1, setup.steps // 4)} steps on seed 0. Load average at the end: {load_average()}.",
+        "",
+        "| Training | toy test acc. (%) | Δ vs seed | entropy (last 5 steps) | length (last 5) "
+        "| train wall-clock (s) | time to target (s) |",
+        "|---|---|---|---|---|---|---|",
+        f"| Seed | {100 * seed_acc:.1f} ± {100 * seed_sem:.1f} | – | – | – | – | – |",
+    ]
+    for label, group in runs.items():
+        acc, sem = mean_sem([r.after["accuracy"] for r in group])
+        entropy, _ = mean_sem([_tail(r, "entropy") for r in group])
+        length, _ = mean_sem([_tail(r, "length_mean") for r in group])
+        wall, _ = mean_sem([sum(r.series("step_time")) for r in group])
+        to_target = reached.get(label)
+        shown = "–" if label not in reached else ("not reached" if to_target is None else f"{to_target:.0f}")
+        lines.append(
+            f"| {label} | {100 * acc:.1f} ± {100 * sem:.1f} | {100 * (acc - seed_acc):+.1f} | {entropy:.3f} "
+            f"| {length:.1f} | {wall:.0f} | {shown} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def _tail(run: Run, key: str) -> float:
+    values = run.series(key)[-5:]
+    return sum(values) / len(values) if values else float("nan")
+
+
+def ordering(runs: dict[str, list[Run]]) -> tuple[dict[str, float], list[str]]:
+    """Mean final accuracies of the main regimes, and where the paper's ordering did not hold."""
+    acc = {label: mean_sem([r.after["accuracy"] for r in group])[0] for label, group in runs.items()}
+    online = acc.get("online DPO")
+    notes = []
+    for label in ("semi-online DPO (s = 4)", "semi-online DPO (s = 16)", "online DPO", "GRPO"):
+        if label in acc and "offline DPO" in acc and acc["offline DPO"] >= acc[label]:
+            notes.append(f"offline DPO is not below {label}")
+        if label in acc and online is not None and abs(acc[label] - online) > 0.05:
+            notes.append(f"{label} is {100 * (acc[label] - online):+.1f} points from online DPO (more than 5)")
+    return acc, notes
+
+
+def report(runs: dict[str, list[Run]], setup: Setup, curves: dict, target: float) -> tuple[str, list[str]]:
+    """paper.md's text (table, ordering, accuracy curves, plots) and the ordering notes."""
+    reached = {label: first_reaching(curve, target) for label, curve in curves.items()}
+    md = table(runs, setup, reached, target)
+    _, notes = ordering(runs)
+    verdict = "reproduced." if not notes else "not fully: " + "; ".join(notes) + "."
+    md += f"\nOrdering offline < semi-online ≈ online ≈ GRPO (±5 points): {verdict}\n"
+    md += "\nAccuracy at each checkpoint (seed 0; step: training seconds → accuracy):\n\n"
+    for label, curve in curves.items():
+        md += f"- {label}: " + ", ".join(f"{s}: {t:.0f}s → {100 * a:.1f}%" for s, t, a in curve) + "\n"
+    labels = [label for label, _, _ in setup.regimes]
+    md += f"\n![entropy and length]({plot(runs, labels, 'paper_dynamics', 'entropy and length vs step').name})\n"
+    if "online DPO, no reference sync" in runs:
+        pair = ["online DPO", "online DPO, no reference sync"]
+        title = "online DPO with and without reference sync"
+        md += f"\n![reference sync]({plot(runs, pair, 'paper_ref_sync', title).name})\n"
+    if any("RM" in label for label in runs):
+        md += (
+            "\nThe tiny-RM run: RM win-rate evaluation does not exist yet (cadence.evaluation has math accuracy "
+            "only), so its row is the held-out toy-math accuracy of the RM-trained model.\n"
+        )
+    return md, notes
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="one seed, 16 steps, four regimes, no extras")
+    parser.add_argument("--steps", type=int, default=None)
+    parser.add_argument("--seeds", type=int, default=None)
+    args = parser.parse_args()
+    if args.quick:
+        setup = Setup(args.steps or 16, args.seeds or 1, 100, 2, [MAIN[0], MAIN[1], MAIN[3], MAIN[4]], [])
+    else:
+        setup = Setup(args.steps or 48, args.seeds or 3, 200, 4, MAIN, EXTRAS)
+    runs = run_all(setup)
+    curves = {label: accuracy_curve(runs[label][0], setup) for label, _, _ in setup.regimes}
+    target = curves["online DPO"][-1][2] - 0.02
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    md, notes = report(runs, setup, curves, target)
+    (RESULTS / "paper.md").write_text(md)
+    print(md)
+    acc, _ = ordering(runs)
+    rows = [row(f"{label}: held-out accuracy", value, None, "ratio") for label, value in acc.items()]
+    rows.append(row("ordering offline < semi-online ≈ online ≈ GRPO", float(not notes), 1.0, "bool"))
+    semi = first_reaching(curves["semi-online DPO (s = 4)"], target)
+    online = first_reaching(curves["online DPO"], target)
+    if semi is not None and online:
+        rows.append(
+            row("time to target: semi-online s=4 / online DPO", semi / online, 0.6, "x", higher_is_better=False)
+        )
+    print_table(rows)
+    print(f"recorded in {record('paper', rows)}")
+
+
+if __name__ == "__main__":
+    main()

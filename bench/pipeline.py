@@ -1,0 +1,149 @@
+"""Pipeline efficiency: Cadence's overlapped pipeline against the same steps run one stage after another.
+
+(a) sequential: one process (1 torch thread, like each service) generates a step's 32 prompts × 8 samples
+    with the HF engine, scores them with `MathVerifier`, trains one update with `TrainEngine` and the
+    trainer's own `update`/`execute`, then copies the weights into the engine (sync) — and repeats.
+(b) `cadence run` (separate processes on Redis streams and the broker) with s = 1, 4, 16, and s = 1 with
+    async_lag = 1; per-step generation/scoring times come from the rollouts (`time_generation`,
+    `time_scoring` in metrics.jsonl), training is `time_compute`, waiting `time_wait`, sync `time_publish`.
+
+Overlap efficiency = max(generation, training) per step ÷ actual step time (1.0: the slower stage alone
+sets the pace). The first steps (start-up) are left out of every mean.
+
+Run: `.venv/bin/python -m bench.pipeline [--quick]` (~5 min; --quick ~1.5 min). Writes bench/results/pipeline.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from bench._common import print_table, record, row
+from bench._runs import ROOT, Run, cadence_run, load_average, mean
+
+CONFIG = "toy-semi-online-dpo"
+PHASES = ("generation", "scoring", "training", "waiting", "sync")
+
+
+def sequential(steps: int, seed: int = 0) -> list[dict[str, float]]:
+    """The same steps as online DPO, each stage after the other, in this process; per-step phase seconds."""
+    import torch
+
+    from cadence.config import load_run_config
+    from cadence.inference.engine import SamplingParams, create_engine
+    from cadence.models import resolve_model
+    from cadence.reward.verifier import MathVerifier
+    from cadence.tasks import load_problems
+    from cadence.trainer.engine import TrainEngine
+    from cadence.trainer.update import Group, StepPlan, execute
+
+    torch.set_num_threads(1)
+    config = load_run_config(ROOT / "configs" / f"{CONFIG}.yaml", [f"steps={steps}", "sync_every=1", f"seed={seed}"])
+    model_dir = resolve_model(config.model.path)
+    problems = [p for task in config.tasks for p in load_problems(task, seed=config.seed)]
+    random.Random(seed).shuffle(problems)
+    sp = config.sampling
+    params = SamplingParams(
+        n=sp.n, temperature=sp.temperature, top_p=sp.top_p, top_k=sp.top_k, max_tokens=sp.max_tokens
+    )
+    generator = create_engine("hf", model_dir)
+    trainer = TrainEngine(model_dir, config)
+    verifier = MathVerifier(processes=1)
+    verifier.wait_ready()
+    rows = []
+    with tempfile.TemporaryDirectory() as run_dir:
+        for step in range(steps):
+            batch = [problems[(step * config.batch_prompts + i) % len(problems)] for i in range(config.batch_prompts)]
+            t0 = time.perf_counter()
+            generation = generator.generate([p.text for p in batch], params)
+            t1 = time.perf_counter()
+            completions = generation.completions
+            pairs = [(s.text, p.reference) for p, c in zip(batch, completions, strict=True) for s in c.samples]
+            rewards = [v.reward for v in verifier.verify_many(pairs)]
+            t2 = time.perf_counter()
+            groups = [
+                Group(p.prompt_id, "math", step, c.prompt_token_ids, [s.token_ids for s in c.samples],
+                      rewards[i * sp.n : (i + 1) * sp.n], [s.logprobs for s in c.samples])
+                for i, (p, c) in enumerate(zip(batch, generation.completions, strict=True))
+            ]  # fmt: skip
+            execute(trainer, None, StepPlan(step, groups), Path(run_dir))
+            t3 = time.perf_counter()
+            _, state = execute(trainer, None, StepPlan(step, sync_reference=True, gather=True), Path(run_dir))
+            generator.load_weights(state.items(), step + 1)
+            t4 = time.perf_counter()
+            rows.append({"generation": t1 - t0, "scoring": t2 - t1, "training": t3 - t2, "waiting": 0.0,
+                         "sync": t4 - t3, "step_time": t4 - t0})  # fmt: skip
+    verifier.close()
+    generator.close()
+    return rows
+
+
+def pipelined(name: str, steps: int, sync_every: int, async_lag: int) -> list[dict[str, float]]:
+    """A `cadence run` of the same steps; its per-step phase seconds from metrics.jsonl."""
+    overrides = [f"steps={steps}", f"sync_every={sync_every}", f"async_lag={async_lag}", "eval.max_problems=1"]
+    run: Run = cadence_run(name, CONFIG, overrides)
+    return [
+        {"generation": m.get("time_generation", 0.0), "scoring": m.get("time_scoring", 0.0),
+         "training": m["time_compute"], "waiting": m["time_wait"], "sync": m["time_publish"],
+         "step_time": m["step_time"]}
+        for m in run.metrics
+    ]  # fmt: skip
+
+
+def summarize(rows: list[dict[str, float]], warmup: int) -> dict[str, float]:
+    """Mean phase seconds per step after `warmup` steps, and the overlap efficiency."""
+    steady = rows[warmup:] or rows
+    out = {key: mean([r[key] for r in steady]) for key in (*PHASES, "step_time")}
+    out["overlap"] = max(out["generation"], out["training"]) / out["step_time"]
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="16 steps, s = 1 and 4 only")
+    parser.add_argument("--steps", type=int, default=None)
+    args = parser.parse_args()
+    steps = args.steps or (16 if args.quick else 48)
+    warmup = max(3, steps // 6)
+    variants = [("s1", 1, 0), ("s4", 4, 0)] + ([] if args.quick else [("s16", 16, 0), ("s1-lag1", 1, 1)])
+    results: dict[str, dict[str, float]] = {"sequential": summarize(sequential(steps), warmup)}
+    for name, s, lag in variants:
+        results[name] = summarize(pipelined(f"pipeline-{name}", steps, s, lag), warmup)
+    print(f"load average (1/5/15 min) after the runs: {load_average()}")
+    print_table_of_phases(results)
+    record("pipeline", rows_of(results))
+
+
+def rows_of(results: dict[str, dict[str, float]]) -> list[dict[str, Any]]:
+    base = results["sequential"]["step_time"]
+    rows = [row("sequential: step time", base, None, "s", higher_is_better=False)]
+    for name, r in results.items():
+        if name == "sequential":
+            continue
+        goal = 0.9 if not name.startswith("s1") else None
+        rows.append(row(f"{name}: step time", r["step_time"], None, "s", higher_is_better=False))
+        rows.append(row(f"{name}: overlap efficiency", r["overlap"], goal, "ratio"))
+        rows.append(row(f"{name}: speed-up over sequential", base / r["step_time"], 1.0 if goal else None, "x"))
+        rows.append(row(f"{name}: weight sync / step time", r["sync"] / r["step_time"], None, "ratio"))
+    return rows
+
+
+def print_table_of_phases(results: dict[str, dict[str, float]]) -> None:
+    header = ["variant", *PHASES, "step", "overlap", "speed-up"]
+    print("  ".join(f"{h:>10}" for h in header))
+    base = results["sequential"]["step_time"]
+    for name, r in results.items():
+        cells = [f"{r[k]:.3f}" for k in (*PHASES, "step_time")] + [
+            f"{r['overlap']:.2f}",
+            f"{base / r['step_time']:.2f}",
+        ]
+        print("  ".join(f"{c:>10}" for c in [name, *cells]))
+    print_table(rows_of(results))
+
+
+if __name__ == "__main__":
+    main()
