@@ -236,7 +236,9 @@ def _submit(config: Any, redis_url: str) -> None:
 @app.command("eval")
 def evaluate(
     model: Annotated[str, typer.Option(help="Model dir, seed name (tiny, smollm2) or RUN_DIR (uses RUN_DIR/final).")],
-    dataset: Annotated[str, typer.Option(help="toy | math500 | amc23 | a JSONL path.")] = "toy",
+    dataset: Annotated[
+        str, typer.Option(help="toy | math500 | amc23 | alpaca_eval | arena_hard | a JSONL path.")
+    ] = "toy",
     split: Annotated[str, typer.Option(help="Split for the toy task.")] = "test",
     samples: Annotated[int, typer.Option(help="k samples per problem (paper: 50).")] = 1,
     temperature: Annotated[float, typer.Option(help="Sampling temperature (paper: 0.6; 0 = greedy).")] = 0.0,
@@ -244,34 +246,72 @@ def evaluate(
     max_tokens: Annotated[int, typer.Option(help="New tokens per answer.")] = 64,
     limit: Annotated[int | None, typer.Option(help="Evaluate the first N problems only.")] = None,
     engine: Annotated[str, typer.Option(help="vllm | hf | auto.")] = "auto",
+    rm: Annotated[
+        str | None, typer.Option(help="Reward model (dir, hub id, tiny-rm): score chat answers by win rate.")
+    ] = None,
+    baseline: Annotated[
+        str | None,
+        typer.Option(help="With --rm: the model whose answers to beat (e.g. the seed); default: dataset references."),
+    ] = None,
     out: Annotated[Path | None, typer.Option(help="Per-problem JSONL of answers and verdicts.")] = None,
 ) -> None:
-    """Math accuracy averaged over k samples per problem, with every answer and verdict in a JSONL."""
+    """Math accuracy averaged over k samples per problem; with --rm, reward-model win rate for chat prompts."""
     import json
+
+    from transformers.utils import logging as hf_logging
 
     from cadence.evaluation import evaluate_math, load_eval_problems
     from cadence.inference.engine import create_engine
     from cadence.models import resolve_model
 
+    hf_logging.disable_progress_bar()
     path = Path(model)
     model_dir = path / "final" if (path / "final" / "config.json").exists() else resolve_model(model)
-    problems = load_eval_problems(dataset, split, limit)
+    problems = load_eval_problems(dataset, split, limit, kind="chat" if rm else None)
     eng = create_engine(engine, model_dir)
     try:
-        summary = evaluate_math(
-            eng,
-            problems,
-            samples=samples,
-            temperature=temperature,
-            top_p=top_p,
-            max_tokens=max_tokens,
-            out=out,
-            label=str(model_dir),
-            dataset=dataset,
-        )
+        if rm:
+            summary = _evaluate_chat(eng, problems, rm, baseline, engine, temperature, top_p, max_tokens, out)
+        else:
+            summary = evaluate_math(
+                eng,
+                problems,
+                samples=samples,
+                temperature=temperature,
+                top_p=top_p,
+                max_tokens=max_tokens,
+                out=out,
+                label=str(model_dir),
+                dataset=dataset,
+            )
     finally:
         eng.close()
+    summary.model, summary.dataset = str(model_dir), dataset
     typer.echo(json.dumps(summary.to_json(), indent=2))
+
+
+def _evaluate_chat(eng: Any, problems: list, rm: str, baseline: str | None, engine: str, *sampling: Any) -> Any:
+    from cadence.errors import ConfigError
+    from cadence.evaluation import baseline_from_references, evaluate_chat, generate_answers
+    from cadence.inference.engine import create_engine
+    from cadence.models import resolve_model
+    from cadence.reward.reward_model import RewardModel
+
+    temperature, top_p, max_tokens, out = sampling
+    if baseline:
+        other = create_engine(engine, resolve_model(baseline))
+        try:
+            answers = generate_answers(other, problems, temperature, top_p, max_tokens)
+        finally:
+            other.close()
+    else:
+        answers = baseline_from_references(problems)
+        if answers is None:
+            raise ConfigError("this dataset has no reference answers: pass --baseline MODEL (e.g. the seed)")
+    reward_model = RewardModel(str(resolve_model(rm)))
+    return evaluate_chat(
+        eng, problems, reward_model, answers, temperature=temperature, top_p=top_p, max_tokens=max_tokens, out=out
+    )
 
 
 @app.command("report")

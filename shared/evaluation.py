@@ -42,11 +42,13 @@ class EvalSummary:
         return asdict(self)
 
 
-def load_eval_problems(dataset: str, split: str = "test", limit: int | None = None, seed: int = 0) -> list[Problem]:
+def load_eval_problems(
+    dataset: str, split: str = "test", limit: int | None = None, seed: int = 0, kind: str | None = None
+) -> list[Problem]:
     """Problems of an eval set: `toy`, `math500`, `amc23`, `alpaca_eval`, `arena_hard`, or a JSONL path."""
     from cadence.tasks import load_problems
 
-    kind = "chat" if dataset in ("alpaca_eval", "arena_hard") else "math"
+    kind = kind or ("chat" if dataset in ("alpaca_eval", "arena_hard") else "math")
     task = TaskConfig(name=f"eval-{Path(dataset).stem}", kind=kind, dataset=dataset, split=split, limit=limit)
     return load_problems(task, seed=seed)
 
@@ -129,3 +131,66 @@ def _write_rows(out: Path, problems, completions, verdicts, k: int) -> None:
                 )
                 + "\n"
             )
+
+
+def evaluate_chat(
+    engine,
+    problems: list[Problem],
+    reward_model,
+    baseline_answers: list[str],
+    *,
+    temperature: float = 0.6,
+    top_p: float = 0.9,
+    max_tokens: int = 512,
+    out: Path | None = None,
+    label: str = "",
+    dataset: str = "",
+) -> EvalSummary:
+    """Reward-model win rate of the model's answers against `baseline_answers` (a tie counts half).
+
+    `length_normalized_reward` is the mean over prompts of reward ÷ answer length in tokens: a model that
+    wins only by writing more scores lower on it, which is why the paper selects checkpoints by it.
+    """
+    if len(baseline_answers) != len(problems):
+        raise InvalidRequest(f"{len(baseline_answers)} baseline answers for {len(problems)} prompts")
+    started = time.monotonic()
+    completions = _generate(engine, problems, 1, temperature, top_p, max_tokens)
+    answers = [c.samples[0].text for c in completions]
+    lengths = [max(1, len(c.samples[0].token_ids)) for c in completions]
+    prompts = [p.text for p in problems]
+    ours = reward_model.score(list(zip(prompts, answers, strict=True)))
+    theirs = reward_model.score(list(zip(prompts, baseline_answers, strict=True)))
+    wins = [1.0 if a > b else 0.5 if a == b else 0.0 for a, b in zip(ours, theirs, strict=True)]
+    if out is not None:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        with out.open("w") as handle:
+            for problem, answer, base, a, b in zip(problems, answers, baseline_answers, ours, theirs, strict=True):
+                row = {
+                    "prompt_id": problem.prompt_id,
+                    "answer": answer,
+                    "baseline": base,
+                    "reward": a,
+                    "baseline_reward": b,
+                }
+                handle.write(json.dumps(row) + "\n")
+    return EvalSummary(
+        model=label,
+        dataset=dataset,
+        problems=len(problems),
+        samples=1,
+        accuracy=sum(wins) / max(1, len(wins)),
+        mean_length=sum(lengths) / max(1, len(lengths)),
+        seconds=time.monotonic() - started,
+        length_normalized_reward=sum(r / n for r, n in zip(ours, lengths, strict=True)) / max(1, len(ours)),
+    )
+
+
+def baseline_from_references(problems: list[Problem]) -> list[str] | None:
+    """The dataset's own reference answers (AlpacaEval ships GPT-4's), if every prompt has one."""
+    references = [p.reference for p in problems]
+    return None if any(r is None for r in references) else [str(r) for r in references]
+
+
+def generate_answers(engine, problems: list[Problem], temperature: float, top_p: float, max_tokens: int) -> list[str]:
+    """One answer per prompt (the baseline model's, for win rates against the seed)."""
+    return [c.samples[0].text for c in _generate(engine, problems, 1, temperature, top_p, max_tokens)]

@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import threading
 import time
+from collections import Counter as Tally
 from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -93,8 +94,9 @@ class TrainLoop:
         self.duplicates = 0
         self.attempts: dict[str, int] = defaultdict(int)
         self.given_up: dict[int, set[str]] = defaultdict(set)
-        self.stage_calls: dict[int, set[tuple[str, str, float]]] = defaultdict(set)
-        """Per step: distinct (stage, worker, seconds) of the engine/scorer calls behind its rollouts."""
+        self.call_sizes: Tally[tuple[str, str, float]] = Tally()
+        self.step_calls: dict[int, Tally[tuple[str, str, float]]] = defaultdict(Tally)
+        """Rollouts per (stage, worker, seconds) engine/scorer call: in all, and per step."""
         self.first_read = True  # the first read takes every entry left pending by a previous process
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.tensorboard = _tensorboard(self.run_dir)
@@ -267,9 +269,10 @@ class TrainLoop:
             self._reject(entry.id, rollout.prompt, error)
             return
         self.buffer[target][prompt_id] = (entry.id, group)
-        calls = self.stage_calls[target]
-        calls.add(("generation", rollout.worker_id, rollout.generation_seconds))
-        calls.add(("scoring", "", entry.message.scoring_seconds))
+        for call in (("generation", rollout.worker_id, rollout.generation_seconds),
+                     ("scoring", "", entry.message.scoring_seconds)):  # fmt: skip
+            self.call_sizes[call] += 1
+            self.step_calls[target][call] += 1
 
     def _reject(self, entry_id: str, prompt: common_pb2.Prompt, error: Exception) -> None:
         """Count and log a bad rollout; re-enqueue its prompt, up to `MAX_ATTEMPTS` times per prompt, after
@@ -379,10 +382,14 @@ class TrainLoop:
         )
 
     def _stage_times(self, step: int) -> dict[str, float]:
-        """Generation and scoring seconds behind a step's rollouts: every rollout of one engine (or scorer)
-        call carries that call's duration, so each distinct call counts once."""
-        calls = self.stage_calls.pop(step, set())
-        return {f"time_{stage}": sum(s for name, _, s in calls if name == stage) for stage in ("generation", "scoring")}
+        """Generation and scoring seconds behind a step's rollouts. Every rollout of one engine (or scorer)
+        call carries that call's duration and a call may serve two steps, so a step gets the call's seconds
+        in proportion to its rollouts among those of the call seen so far."""
+        calls = self.step_calls.pop(step, Tally())
+        times = {"time_generation": 0.0, "time_scoring": 0.0}
+        for call, count in calls.items():
+            times[f"time_{call[0]}"] += call[2] * count / self.call_sizes[call]
+        return times
 
     def _write_meta(self, first: bool = False) -> None:
         """Update the run's meta hash; after the first write, finding it gone means Redis lost the run."""

@@ -171,7 +171,7 @@ def generic_problem(record: dict[str, Any], index: int, kind: Kind, prefix: str)
         return Problem(prompt_id, kind, text, None if reference is None else str(reference))
     for field in ("prompt", "instruction", "question"):
         if isinstance(record.get(field), str) and record[field].strip():
-            reference = record.get("answer", record.get("reference"))
+            reference = record.get("answer", record.get("reference", record.get("reference_output")))
             text = math_prompt(record[field]) if kind == "math" else record[field]
             return Problem(prompt_id, kind, text, None if reference is None else str(reference))
     text = first_user_turn(record)
