@@ -11,7 +11,7 @@ step times up to it (service start-up excluded, the same for every regime). The 
 final accuracy minus 2 points. Evaluating checkpoints afterwards costs a few seconds each, where
 re-running each regime at several step budgets would multiply the runs.
 
-Run: `.venv/bin/python -m bench.paper [--quick]` (full ~20 min, --quick ~3 min on 2 cores).
+Run: `.venv/bin/python -m bench.paper [--quick]` (full ~24 min, --quick ~2.5 min on 2 cores).
 Writes bench/results/paper.md, paper.json and PNGs.
 """
 
@@ -207,12 +207,12 @@ def report(runs: dict[str, list[Run]], setup: Setup, curves: dict, target: float
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="one seed, 16 steps, four regimes, no extras")
+    parser.add_argument("--quick", action="store_true", help="one seed, 12 steps; offline, semi-online s=4 and online DPO only")
     parser.add_argument("--steps", type=int, default=None)
     parser.add_argument("--seeds", type=int, default=None)
     args = parser.parse_args()
     if args.quick:
-        setup = Setup(args.steps or 16, args.seeds or 1, 100, 2, [MAIN[0], MAIN[1], MAIN[3], MAIN[4]], [])
+        setup = Setup(args.steps or 12, args.seeds or 1, 100, 2, [MAIN[0], MAIN[1], MAIN[3]], [])
     else:
         setup = Setup(args.steps or 48, args.seeds or 3, 200, 4, MAIN, EXTRAS)
     runs = run_all(setup)

@@ -75,8 +75,9 @@ def test_local_run(regime: str, tmp_path: Path, tiny_model_dir: Path) -> None:
 
 
 def _is_ours(process: psutil.Process, run_dir: Path) -> bool:
+    """A process of this run: the launcher gives every child the run's id (redis gets the run folder)."""
     try:
         cmdline = " ".join(process.info["cmdline"] or [])
-    except (psutil.NoSuchProcess, psutil.AccessDenied):
+        return str(run_dir) in cmdline or process.environ().get("CADENCE_RUN_ID") == run_dir.name
+    except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
         return False
-    return "cadence.cli" in cmdline or str(run_dir) in cmdline

@@ -114,7 +114,7 @@ class FaultRun:
         self.events: list[str] = []
 
     def metrics(self) -> list[dict]:
-        return _read_jsonl(self.run_dir / "metrics.jsonl")
+        return read_jsonl(self.run_dir / "metrics.jsonl")
 
     def pending(self, kind: streams.Kind) -> int:
         try:
@@ -122,6 +122,12 @@ class FaultRun:
         except redis.RedisError:
             return 0
         return int(summary["pending"])
+
+    def length(self, kind: streams.Kind) -> int:
+        try:
+            return int(self.redis.xlen(streams.stream_key(self.config.run_id, kind)))
+        except redis.RedisError:
+            return 0
 
     def wait_for(self, moment: Moment, what: str, timeout: float = 180.0) -> None:
         deadline = time.monotonic() + timeout
@@ -208,7 +214,7 @@ def start_run(
 def audit(run: FaultRun) -> dict[str, Any]:
     """Check the finished run's ledger and streams against the guarantees; returns a summary for reports."""
     config = run.config
-    ledger = _read_jsonl(run.run_dir / "ledger.jsonl")
+    ledger = read_jsonl(run.run_dir / "ledger.jsonl")
     check_ledger(ledger, config)
     messages = run.stream_messages()
     prompt_ids = [p.prompt_id for p in messages["prompts"]]
@@ -258,7 +264,7 @@ def _merge(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
     return merged
 
 
-def _read_jsonl(path: Path) -> list[dict]:
+def read_jsonl(path: Path) -> list[dict]:
     try:
         text = path.read_text()
     except FileNotFoundError:
