@@ -207,7 +207,7 @@ def report(runs: dict[str, list[Run]], setup: Setup, curves: dict, target: float
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="one seed, 12 steps; offline, semi-online s=4 and online DPO only")
+    parser.add_argument("--quick", action="store_true", help="1 seed, 12 steps, 3 regimes")
     parser.add_argument("--steps", type=int, default=None)
     parser.add_argument("--seeds", type=int, default=None)
     args = parser.parse_args()

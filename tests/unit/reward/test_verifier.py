@@ -144,7 +144,8 @@ def test_a_worker_killed_from_outside_is_replaced(verifier: MathVerifier) -> Non
     assert worker is not None
     worker.process.kill()
     worker.process.join()
-    verdicts = verifier.verify_many([(f"\\boxed{{{n}}}", str(n)) for n in range(8)])
+    # fractions, not integers: integers are settled without the pool (integer_verdict)
+    verdicts = verifier.verify_many([(f"\\boxed{{\\frac{{{n}}}{{7}}}}", f"\\frac{{{n}}}{{7}}") for n in range(8)])
     assert all(v.reason == "correct" for v in verdicts)
     assert verifier.wait_ready(30.0)
 
@@ -153,7 +154,8 @@ def test_many_threads_at_once_nothing_dropped(verifier: MathVerifier) -> None:
     results: dict[int, str] = {}
 
     def call(n: int) -> None:
-        results[n] = verifier.verify(f"\\boxed{{{n}}}", str(n if n % 3 else n + 1)).reason
+        reference = f"\\frac{{{n if n % 3 else n + 1}}}{{7}}"  # fractions go through the pool
+        results[n] = verifier.verify(f"\\boxed{{\\frac{{{n}}}{{7}}}}", reference).reason
 
     threads = [threading.Thread(target=call, args=(n,)) for n in range(64)]
     for thread in threads:
@@ -172,7 +174,7 @@ def test_workers_killed_from_outside_mid_item_are_replaced_and_the_item_retried(
     for worker in list(verifier._workers):
         assert worker is not None
         worker.process.kill()
-    assert verifier.verify("\\boxed{3}", "3").reason == "correct"
+    assert verifier.verify("\\boxed{\\frac{3}{7}}", "\\frac{3}{7}").reason == "correct"
     assert future.result(timeout=verifier.item_timeout + 10).reason == "timeout"  # retried, then hit its deadline
     assert verifier.restarts >= restarts + 3
     assert verifier.wait_ready(30.0)
