@@ -218,7 +218,6 @@ class TrainLoop:
         """A broker restarted without a persistent store has lost our newest version, and workers that need it
         would wait forever: publish it again, if the weights still are that version (no step since)."""
         version = self.status.version
-        print("DEBUG republish check", version, self.status.step, flush=True)
         if version == 0 or self.status.step != version:
             return
         latest = self._broker(self.transport.latest, "read the broker's latest version")

@@ -75,7 +75,7 @@ class Generator(threading.Thread):
                 self.consumer.ack([entry.id])
 
     def wait_for_version(self, version: int) -> None:
-        while not self.halt.is_set():
+        while version > 0 and not self.halt.is_set():  # the seed (version 0) is every worker's start
             latest = self.client.latest()
             if latest is not None and latest.version >= version:
                 if latest.version == self.lose:

@@ -68,12 +68,12 @@ def test_overrides_apply_dotted_keys(tmp_path: Path) -> None:
 
 
 def test_malformed_override_is_refused(tmp_path: Path) -> None:
-    with pytest.raises(ConfigError, match="dotted.key=value"):
+    with pytest.raises(ConfigError, match=r"dotted\.key=value"):
         load_run_config(write(tmp_path, "steps: 5\n"), ["steps"])
 
 
 def test_dpo_needs_two_samples() -> None:
-    with pytest.raises(ConfigError, match="sampling.n >= 2"):
+    with pytest.raises(ConfigError, match=r"sampling\.n >= 2"):
         parse_run_config({"sampling": {"n": 1}})
 
 

@@ -71,7 +71,9 @@ def test_entries_of_a_killed_consumer_are_reclaimed_once(redis_url: str) -> None
     )
     proc = subprocess.run([sys.executable, "-c", script], check=False)
     assert proc.returncode == -9
-    survivor = streams.StreamConsumer(client, key, "inference", "w2", common_pb2.Prompt, reclaim_idle_ms=200, block_ms=50)
+    survivor = streams.StreamConsumer(
+        client, key, "inference", "w2", common_pb2.Prompt, reclaim_idle_ms=200, block_ms=50
+    )
     assert drain(survivor, out) == 4  # the undelivered ones, at once
     time.sleep(0.3)
     assert drain(survivor, out) == 6  # the dead consumer's, after the idle timeout

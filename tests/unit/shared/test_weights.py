@@ -46,7 +46,9 @@ def test_round_trip_is_bit_exact(chunk_bytes: int) -> None:
 
 def test_chunks_never_exceed_the_limit() -> None:
     packed = weights.pack({"w": torch.zeros(3 * 1024 * 1024)}, run_id="r", version=1)
-    sizes = [len(c.data) for c in weights.iter_chunks(packed.manifest, packed.payload) if c.WhichOneof("body") == "data"]
+    sizes = [
+        len(c.data) for c in weights.iter_chunks(packed.manifest, packed.payload) if c.WhichOneof("body") == "data"
+    ]
     assert max(sizes) <= weights.CHUNK_BYTES
     assert sum(sizes) == 12 * 1024 * 1024
 
@@ -57,7 +59,7 @@ def test_corrupted_chunk_is_rejected() -> None:
     assembler = weights.Assembler(packed.manifest)
     bad = bytearray(chunks[0].data)
     bad[5] ^= 0xFF
-    with pytest.raises(IntegrityError, match="chunk 0 .* failed sha256"):
+    with pytest.raises(IntegrityError, match=r"chunk 0 .* failed sha256"):
         assembler.add(bytes(bad), chunks[0].offset)
 
 
