@@ -63,6 +63,8 @@ class InferenceSettings(ServiceSettings):
     """Model directory, hub id, or a seed-model name (`CADENCE_MODEL`)."""
     broker_addr: str = "127.0.0.1:50053"
     """Weight broker `host:port` (`CADENCE_BROKER_ADDR`)."""
+    tensor_parallel_size: int = Field(1, ge=1)
+    """GPUs one vLLM engine shards the model over (`CADENCE_TENSOR_PARALLEL_SIZE`); the hf engine ignores it."""
     worker: bool = True
     """Consume the run's prompt stream (`CADENCE_WORKER`); off serves only `Generate`."""
     worker_id: str = ""

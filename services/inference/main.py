@@ -38,7 +38,8 @@ def serve(settings: InferenceSettings) -> None:
     log = get_logger(__name__)
     model_dir = resolve_model(settings.model)
     log.info("loading model", extra={"engine": kind, "model": str(model_dir)})
-    engine = create_engine(kind, model_dir)
+    options = {"tensor_parallel_size": settings.tensor_parallel_size} if kind == "vllm" else {}
+    engine = create_engine(kind, model_dir, **options)
     worker_id = settings.worker_id or default_worker_id()
     server = ServiceServer("inference", settings.host, settings.grpc_port or default_port("inference"))
     runner: _WorkerThread | None = None

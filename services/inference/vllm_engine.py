@@ -100,6 +100,7 @@ class VllmEngine(Engine):
         max_model_len: int | None = None,
         enforce_eager: bool | None = None,
         seed: int = 0,
+        tensor_parallel_size: int = 1,
     ) -> None:
         super().__init__(model_path, version=version)
         configure_vllm_environment(kv_cache_gib)
@@ -115,6 +116,7 @@ class VllmEngine(Engine):
             # torch.compile costs minutes of start-up on CPU for little gain; on GPU keep CUDA graphs.
             enforce_eager=on_cpu if enforce_eager is None else enforce_eager,
             seed=seed,
+            tensor_parallel_size=tensor_parallel_size,
             worker_extension_cls=f"{__name__}.{WeightLoaderExtension.__qualname__}",
             disable_log_stats=True,
         )

@@ -122,7 +122,10 @@ def test_a_version_lost_by_a_restarted_broker_is_published_again(
         with BrokerClient(f"127.0.0.1:{broker.port}", RUN) as transport, caplog.at_level(logging.WARNING):
             engine = TrainEngine(untrained_tiny_model_dir, config)
             train = TrainLoop(engine, tokenizer, client, Feeder(client, plan), transport, tmp_path, RUN)
+            watchdog = threading.Timer(60, train.request_stop, ("the lost version was never published again",))
+            watchdog.start()
             assert train.run().state == "done"
+            watchdog.cancel()
             assert transport.latest().version == 4
     finally:
         generator.halt.set()
