@@ -40,6 +40,8 @@ LOSS = Gauge("cadence_trainer_loss", "Loss of the last step")
 REJECTED = Counter("cadence_trainer_rejected_rollouts_total", "Rollouts refused for breaking the cadence rule")
 DUPLICATES = Counter("cadence_trainer_duplicate_rollouts_total", "Duplicate or late rollouts dropped")
 STEP_SECONDS = Gauge("cadence_trainer_step_seconds", "Wall time of the last step", ["phase"])
+DYNAMICS = Gauge("cadence_trainer_dynamics", "Training dynamics of the last step", ["metric"])
+DYNAMICS_KEYS = ("reward_mean", "accuracy", "entropy", "length_mean", "staleness_mean", "staleness_max")
 HIST_BINS = 10
 META_MARK = "state"  # set when the run starts: its absence later means Redis lost the run's data
 MAX_ATTEMPTS = 3
@@ -369,6 +371,9 @@ class TrainLoop:
         LOSS.set(row["loss"] or 0.0)
         for phase in ("wait", "compute", "publish"):
             STEP_SECONDS.labels(phase).set(row[f"time_{phase}"])
+        for key in DYNAMICS_KEYS:
+            if isinstance(row.get(key), int | float):
+                DYNAMICS.labels(key).set(row[key])
         self._write_meta()
         log.info(
             "step %d loss %.4f reward %s pairs %s/%s wait %.2fs compute %.2fs",
