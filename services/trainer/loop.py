@@ -242,7 +242,7 @@ class TrainLoop:
             if self.stop_requested.is_set():
                 return None, []
             self._check_run_data()
-            if False and time.monotonic() - checked > BROKER_CHECK_SECONDS:
+            if time.monotonic() - checked > BROKER_CHECK_SECONDS:
                 self._republish_if_lost()
                 checked = time.monotonic()
             self.feeder.top_up(step, self.status.version)

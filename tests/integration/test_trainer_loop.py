@@ -34,6 +34,7 @@ METRIC_KEYS = {
     "step", "version", "loss", "reward_mean", "accuracy", "chosen_logps", "rejected_logps", "margin", "entropy",
     "length_mean", "length_hist", "staleness_mean", "staleness_max", "pairs_kept", "pairs_skipped",
     "rejected_rollouts", "samples", "tokens_per_s", "time_wait", "time_compute", "time_publish", "step_time",
+    "time_generation", "time_scoring",
 }  # fmt: skip
 
 
