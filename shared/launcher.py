@@ -198,7 +198,8 @@ class LocalRun:
         return next(c for c in self.supervisor.children if c.name == "trainer")
 
     def stop(self) -> None:
-        self.supervisor.stop_all()
+        """Services first, Redis last: a service draining while Redis is gone would wait out its grace period."""
+        self.supervisor.stop_all(last=("redis",))
 
 
 class ServiceFailed(CadenceError):

@@ -102,6 +102,9 @@ class RewardSettings(ServiceSettings):
     """Characters per reference answer (`CADENCE_MAX_REFERENCE_CHARS`)."""
     max_inflight_items: int = 4096
     """Items being scored at once across all callers; beyond it HTTP answers 429 (`CADENCE_MAX_INFLIGHT_ITEMS`)."""
+    max_inflight_requests: int = 64
+    """HTTP scoring requests inside the service at once, queued ones included; beyond it 429
+    (`CADENCE_MAX_INFLIGHT_REQUESTS`)."""
     rm_device: str = "auto"
     """Device for the reward model: `auto`, `cpu`, `cuda`, `cuda:1` (`CADENCE_RM_DEVICE`)."""
     rm_max_batch_tokens: int = 16384
@@ -111,7 +114,9 @@ class RewardSettings(ServiceSettings):
     reclaim_idle_ms: int = Field(30_000, ge=100)
     """A rollout left unacknowledged this long by a dead worker is taken over (`CADENCE_RECLAIM_IDLE_MS`)."""
 
-    @field_validator("pool_processes", "max_items", "max_inflight_items", "worker_batch", "max_body_bytes")
+    @field_validator(
+        "pool_processes", "max_items", "max_inflight_items", "max_inflight_requests", "worker_batch", "max_body_bytes"
+    )
     @classmethod
     def _at_least_one(cls, value: int) -> int:
         if value < 1:

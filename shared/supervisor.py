@@ -104,15 +104,19 @@ class Supervisor:
             if child.name == name:
                 _terminate(child, grace)
 
-    def stop_all(self, grace: float = 15.0) -> None:
-        """SIGTERM everyone (newest first), then SIGKILL whoever is still there after `grace` seconds."""
-        for child in reversed(self.children):
-            if child.alive and child.proc is not None:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(child.proc.pid, signal.SIGTERM)
-        deadline = time.monotonic() + grace
-        for child in reversed(self.children):
-            _wait_or_kill(child, max(0.1, deadline - time.monotonic()))
+    def stop_all(self, grace: float = 15.0, last: Sequence[str] = ()) -> None:
+        """SIGTERM everyone (newest first), then SIGKILL whoever is still there after `grace` seconds.
+
+        Children named in `last` (what the others depend on, e.g. Redis) are stopped only once the rest exited.
+        """
+        for group in ([c for c in self.children if c.name not in last], [c for c in self.children if c.name in last]):
+            for child in reversed(group):
+                if child.alive and child.proc is not None:
+                    with contextlib.suppress(ProcessLookupError):
+                        os.killpg(child.proc.pid, signal.SIGTERM)
+            deadline = time.monotonic() + grace
+            for child in reversed(group):
+                _wait_or_kill(child, max(0.1, deadline - time.monotonic()))
 
 
 def _spawn(child: Child) -> None:

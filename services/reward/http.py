@@ -138,7 +138,39 @@ class BodyLimit:
         await _error_response(error)(scope, receive, send)
 
 
-def create_app(scorer: Scorer, keys: ApiKeys | None = None, *, max_body_bytes: int = 32 << 20) -> FastAPI:
+class RequestLimit:
+    """At most `max_requests` scoring requests inside the service at once, those waiting for a worker thread
+    included; beyond it 429 at once. The scorer's item admission cannot see requests queued before they reach
+    it, so without this a flood of small requests would queue without bound (and latency with it)."""
+
+    def __init__(self, app: ASGIApp, max_requests: int, paths: frozenset[str]) -> None:
+        self.app, self.max_requests, self.paths = app, max_requests, paths
+        self.active = 0  # the event loop is one thread: no lock needed
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["path"] not in self.paths:
+            await self.app(scope, receive, send)
+            return
+        if self.active >= self.max_requests:
+            error = Overloaded(
+                f"{self.active} scoring requests in progress (limit {self.max_requests}); retry after 1s",
+                retry_after=1.0,
+            )
+            await _error_response(error)(scope, receive, send)
+            return
+        self.active += 1
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            self.active -= 1
+
+
+SCORING_PATHS = frozenset({"/v1/score", "/get_reward", "/v1/reward"})
+
+
+def create_app(
+    scorer: Scorer, keys: ApiKeys | None = None, *, max_body_bytes: int = 32 << 20, max_requests: int = 64
+) -> FastAPI:
     """The FastAPI app over `scorer`; `keys` (optional) protect the scoring endpoints."""
     keys = keys or ApiKeys()
     app = FastAPI(
@@ -149,6 +181,7 @@ def create_app(scorer: Scorer, keys: ApiKeys | None = None, *, max_body_bytes: i
     app.state.draining = False
     app.state.keys = keys
     _install_error_handlers(app)
+    app.add_middleware(RequestLimit, max_requests=max_requests, paths=SCORING_PATHS)
     _install_metrics_middleware(app)
     guarded = [Depends(_authorize)]
 

@@ -59,7 +59,9 @@ class RewardService:
         self.scorer = scorer or build_scorer(settings)
         verifier = self.scorer.verifier
         metrics.track(lambda: verifier.restarts if verifier else 0, lambda: self.scorer.admission.in_flight)
-        self.app = create_app(self.scorer, keys, max_body_bytes=settings.max_body_bytes)
+        self.app = create_app(
+            self.scorer, keys, max_body_bytes=settings.max_body_bytes, max_requests=settings.max_inflight_requests
+        )
         port = settings.grpc_port or default_port("reward")
         self.grpc = ServiceServer("reward", settings.host, port, interceptors=[AuthInterceptor(keys)])
         self.grpc.add_servicer(reward_pb2_grpc.add_RewardServicer_to_server, RewardServicer(self.scorer), SERVICE)
