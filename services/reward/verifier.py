@@ -221,6 +221,7 @@ class MathVerifier:
         self._lock = threading.Lock()
         self._closed = False
         self._workers: list[_Worker | None] = [None] * processes
+        self._start_failed = [False] * processes
         self._threads = [
             threading.Thread(target=self._drive, args=(slot,), daemon=True, name=f"math-verify-{slot}")
             for slot in range(processes)
@@ -240,10 +241,11 @@ class MathVerifier:
 
     @property
     def ready(self) -> bool:
-        """Every driver thread runs and at least one worker can take items (a replacement may be starting)."""
+        """Every driver thread runs and some slot has a worker or is starting one (a stuck worker being
+        replaced is a moment's wait, not unreadiness); unready only when no slot can start a worker."""
         if self._closed or not all(thread.is_alive() for thread in self._threads):
             return False
-        return any(w is not None and w.process.is_alive() for w in self._workers)
+        return not all(self._start_failed)
 
     def submit(self, response: str, reference: str) -> Future[Verdict]:
         """Queue one item; the future resolves to its verdict (never raises for bad input)."""
@@ -319,8 +321,10 @@ class MathVerifier:
             worker = _Worker(self._context)
         except (RuntimeError, OSError, EOFError) as error:
             log.error("cannot start math-verify worker %d (%s); retrying in 1s", slot, error)
+            self._start_failed[slot] = True
             time.sleep(1.0)
             return None
+        self._start_failed[slot] = False
         self._workers[slot] = worker
         return worker
 
