@@ -13,8 +13,8 @@ from pathlib import Path
 import yaml
 
 PLOTS = {
-    "reward_mean": "reward (mean over samples)",
-    "accuracy": "train accuracy (fraction of samples correct)",
+    "reward_mean": "mean reward",
+    "accuracy": "train accuracy",
     "entropy": "token entropy (nats)",
     "length_mean": "response length (tokens)",
     "staleness_mean": "staleness (steps)",
@@ -52,7 +52,14 @@ def plot_metrics(rows: list[dict], out_dir: Path) -> list[Path]:
         if not points:
             continue
         fig, ax = plt.subplots(figsize=(6, 3.2), dpi=110)
-        ax.plot([p[0] for p in points], [p[1] for p in points], marker="." if len(points) < 60 else None)
+        steps, values = [p[0] for p in points], [p[1] for p in points]
+        noisy = len(points) >= 60
+        ax.plot(steps, values, marker=None if noisy else ".", alpha=0.35 if noisy else 1.0, label="per step")
+        if noisy:  # a trailing mean makes the trend readable through per-step noise
+            window = max(5, len(points) // 25)
+            smooth = [statistics.fmean(values[max(0, i - window + 1) : i + 1]) for i in range(len(values))]
+            ax.plot(steps, smooth, label=f"mean of last {window}")
+            ax.legend(loc="best", fontsize="small")
         ax.set_xlabel("optimizer step")
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)
