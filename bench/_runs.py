@@ -20,7 +20,6 @@ from bench._common import RESULTS
 
 ROOT = Path(__file__).resolve().parent.parent
 RUNS = RESULTS / "runs"
-DIST_ENV = ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE")
 
 
 @dataclass
@@ -47,12 +46,9 @@ def cadence_run(name: str, config: str, overrides: list[str], timeout: float = 9
     for override in overrides:
         args += ["--set", override]
     log = RUNS / f"{run_id}.log"
-    env = {k: v for k, v in os.environ.items() if k not in DIST_ENV}  # a TrainEngine in this process set them
     started = time.monotonic()
     with log.open("w") as handle:
-        code = subprocess.run(
-            args, stdout=handle, stderr=subprocess.STDOUT, cwd=ROOT, env=env, timeout=timeout
-        ).returncode
+        code = subprocess.run(args, stdout=handle, stderr=subprocess.STDOUT, cwd=ROOT, timeout=timeout).returncode
     seconds = time.monotonic() - started
     folders = sorted(RUNS.glob(f"{run_id}-*/"))
     if code != 0 or not folders:

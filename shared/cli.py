@@ -271,7 +271,21 @@ def evaluate(
     eng = create_engine(engine, model_dir)
     try:
         if rm:
-            summary = _evaluate_chat(eng, problems, rm, baseline, engine, temperature, top_p, max_tokens, out)
+            from cadence.evaluation import baseline_answers, evaluate_chat
+            from cadence.reward.reward_model import RewardModel
+
+            answers = baseline_answers(problems, baseline, engine, temperature, top_p, max_tokens)
+            reward_model = RewardModel(str(resolve_model(rm)))
+            summary = evaluate_chat(
+                eng,
+                problems,
+                reward_model,
+                answers,
+                temperature=temperature,
+                top_p=top_p,
+                max_tokens=max_tokens,
+                out=out,
+            )
         else:
             summary = evaluate_math(
                 eng,
@@ -288,30 +302,6 @@ def evaluate(
         eng.close()
     summary.model, summary.dataset = str(model_dir), dataset
     typer.echo(json.dumps(summary.to_json(), indent=2))
-
-
-def _evaluate_chat(eng: Any, problems: list, rm: str, baseline: str | None, engine: str, *sampling: Any) -> Any:
-    from cadence.errors import ConfigError
-    from cadence.evaluation import baseline_from_references, evaluate_chat, generate_answers
-    from cadence.inference.engine import create_engine
-    from cadence.models import resolve_model
-    from cadence.reward.reward_model import RewardModel
-
-    temperature, top_p, max_tokens, out = sampling
-    if baseline:
-        other = create_engine(engine, resolve_model(baseline))
-        try:
-            answers = generate_answers(other, problems, temperature, top_p, max_tokens)
-        finally:
-            other.close()
-    else:
-        answers = baseline_from_references(problems)
-        if answers is None:
-            raise ConfigError("this dataset has no reference answers: pass --baseline MODEL (e.g. the seed)")
-    reward_model = RewardModel(str(resolve_model(rm)))
-    return evaluate_chat(
-        eng, problems, reward_model, answers, temperature=temperature, top_p=top_p, max_tokens=max_tokens, out=out
-    )
 
 
 @app.command("report")

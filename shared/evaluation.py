@@ -185,12 +185,23 @@ def evaluate_chat(
     )
 
 
-def baseline_from_references(problems: list[Problem]) -> list[str] | None:
-    """The dataset's own reference answers (AlpacaEval ships GPT-4's), if every prompt has one."""
-    references = [p.reference for p in problems]
-    return None if any(r is None for r in references) else [str(r) for r in references]
+def baseline_answers(
+    problems: list[Problem], baseline: str | None, engine_kind: str, temperature: float, top_p: float, max_tokens: int
+) -> list[str]:
+    """The answers to beat: the `baseline` model's (a directory or seed name), else the dataset's references
+    (AlpacaEval ships GPT-4's); a dataset without references needs a baseline model."""
+    from cadence.errors import ConfigError
 
+    if baseline is None:
+        references = [p.reference for p in problems]
+        if any(r is None for r in references):
+            raise ConfigError("this dataset has no reference answers: pass --baseline MODEL (e.g. the seed)")
+        return [str(r) for r in references]
+    from cadence.inference.engine import create_engine
+    from cadence.models import resolve_model
 
-def generate_answers(engine, problems: list[Problem], temperature: float, top_p: float, max_tokens: int) -> list[str]:
-    """One answer per prompt (the baseline model's, for win rates against the seed)."""
-    return [c.samples[0].text for c in _generate(engine, problems, 1, temperature, top_p, max_tokens)]
+    engine = create_engine(engine_kind, resolve_model(baseline))
+    try:
+        return [c.samples[0].text for c in _generate(engine, problems, 1, temperature, top_p, max_tokens)]
+    finally:
+        engine.close()

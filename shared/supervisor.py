@@ -18,6 +18,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 _PR_SET_PDEATHSIG = 1
+# torch.distributed rendezvous variables: an in-process trainer (tests, benchmarks) sets them, and a child
+# trainer that inherited them would try to bind the parent's MASTER_PORT. Each child picks its own.
+DIST_ENV = ("MASTER_ADDR", "MASTER_PORT", "RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE")
 
 
 def _die_with_parent() -> None:
@@ -58,7 +61,8 @@ class Supervisor:
 
     def __init__(self, log_dir: Path, env: dict[str, str] | None = None) -> None:
         self.log_dir = log_dir
-        self.env = {**os.environ, **(env or {})}
+        inherited = {k: v for k, v in os.environ.items() if k not in DIST_ENV}
+        self.env = {**inherited, **(env or {})}
         self.children: list[Child] = []
         log_dir.mkdir(parents=True, exist_ok=True)
 

@@ -203,8 +203,6 @@ def start_run(
     local = _Local(plan, str(model_dir))
     local.supervisor.env["CADENCE_RECLAIM_IDLE_MS"] = str(RECLAIM_IDLE_MS)
     local.supervisor.env["CADENCE_POOL_PROCESSES"] = "1"
-    for name in ("MASTER_ADDR", "MASTER_PORT", "RANK", "LOCAL_RANK", "WORLD_SIZE"):  # set by in-process trainers
-        local.supervisor.env.pop(name, None)
     try:
         local.start()
     except BaseException:

@@ -48,3 +48,16 @@ def test_reward_model_win_rate_orders_baselines(engine) -> None:
     assert versus_gold.accuracy < versus_junk.accuracy
     assert versus_junk.accuracy > 0.5
     assert versus_junk.length_normalized_reward is not None
+
+
+def test_baseline_answers_come_from_references_or_a_model(tiny_model_dir: Path) -> None:
+    from cadence.errors import ConfigError
+    from cadence.evaluation import baseline_answers
+
+    problems = load_eval_problems("toy", "test", limit=5, kind="chat")
+    assert baseline_answers(problems, None, "hf", 0.0, 1.0, 14) == [p.reference for p in problems]
+    from_model = baseline_answers(problems, str(tiny_model_dir), "hf", 0.0, 1.0, 14)
+    assert len(from_model) == 5 and all("boxed" in answer for answer in from_model)
+    without = load_eval_problems("arena_hard", limit=3)
+    with pytest.raises(ConfigError, match="--baseline MODEL"):
+        baseline_answers(without, None, "hf", 0.0, 1.0, 14)

@@ -47,3 +47,18 @@ def _wait_for_lines(path: Path, count: int) -> list[str]:
             return lines
         time.sleep(0.05)
     raise AssertionError(f"{path} has fewer than {count} lines")
+
+
+def test_children_do_not_inherit_distributed_rendezvous_variables(tmp_path, monkeypatch) -> None:
+    """An in-process trainer sets MASTER_PORT & co.; a child trainer inheriting them would bind that port."""
+    import sys
+
+    from cadence.supervisor import Supervisor
+
+    monkeypatch.setenv("MASTER_PORT", "29500")
+    monkeypatch.setenv("RANK", "3")
+    supervisor = Supervisor(tmp_path / "logs", env={"CADENCE_RUN_ID": "r"})
+    script = "import os; print(os.environ.get('MASTER_PORT'), os.environ.get('RANK'), os.environ['CADENCE_RUN_ID'])"
+    child = supervisor.start("probe", [sys.executable, "-c", script])
+    assert child.proc is not None and child.proc.wait(timeout=30) == 0
+    assert child.log_path.read_text().split() == ["None", "None", "r"]
