@@ -202,6 +202,14 @@ class TrainEngine:
     def is_main(self) -> bool:
         return self.rank == 0
 
+    def close(self) -> None:
+        """Leave the process group together (*collective*): a rank that exits while its peers' gloo threads
+        still run aborts with "terminate called without an active exception"."""
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            if self.world_size > 1:
+                torch.distributed.barrier()
+            torch.distributed.destroy_process_group()
+
     # -- forward / backward ------------------------------------------------------------------------------
 
     def policy_stats(self, batch: SequenceBatch, *, entropy_grad: bool = False) -> TokenStats:

@@ -63,10 +63,11 @@ def serve(settings: TrainerSettings) -> None:
     model_dir = resolve_model(config.model.path)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     engine = TrainEngine(model_dir, config)
-    if not engine.is_main:
+    if engine.is_main:
+        _serve_main(settings, config, run_id, engine, tokenizer)
+    else:
         follow(engine, tokenizer, settings.run_dir)
-        return
-    _serve_main(settings, config, run_id, engine, tokenizer)
+    engine.close()  # only after a clean finish: after a failure the peers may be inside another collective
 
 
 def _serve_main(settings: TrainerSettings, config: RunConfig, run_id: str, engine: Any, tokenizer: Any) -> None:

@@ -30,6 +30,7 @@ def main() -> None:
     losses = [update(engine, GROUPS, step=0)["loss"] for _ in range(3)]
     if engine.is_main:
         out.write_text(json.dumps({"losses": losses, "world_size": engine.world_size}))
+    engine.close()
 
 
 if __name__ == "__main__":
