@@ -266,7 +266,7 @@ class _Fetch:
         assert self.assembler is not None
         specs = self.assembler.manifest.tensors
         end = self.yielded
-        while end < len(specs) and specs[end].offset + specs[end].nbytes <= self.assembler.received:
+        while end < len(specs) and specs[end].offset + specs[end].nbytes <= self.assembler.verified:
             end += 1
         if end > self.yielded:
             done = common_pb2.WeightManifest(tensors=specs[self.yielded : end])

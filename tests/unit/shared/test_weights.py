@@ -53,14 +53,34 @@ def test_chunks_never_exceed_the_limit() -> None:
     assert sum(sizes) == 12 * 1024 * 1024
 
 
-def test_corrupted_chunk_is_rejected() -> None:
+def test_corrupted_chunk_is_rejected_at_once_without_pipelining() -> None:
     packed = weights.pack(state_dict(), run_id="r", version=1, chunk_bytes=64)
     chunks = list(weights.iter_chunks(packed.manifest, packed.payload))[1:]
-    assembler = weights.Assembler(packed.manifest)
+    assembler = weights.Assembler(packed.manifest, depth=0)
     bad = bytearray(chunks[0].data)
     bad[5] ^= 0xFF
     with pytest.raises(IntegrityError, match=r"chunk 0 .* failed sha256"):
         assembler.add(bytes(bad), chunks[0].offset)
+    assert assembler.received == 0
+
+
+def test_pipelined_verification_never_passes_a_corrupt_chunk_and_resumes_before_it() -> None:
+    packed = weights.pack(state_dict(), run_id="r", version=1, chunk_bytes=64)
+    chunks = list(weights.iter_chunks(packed.manifest, packed.payload))[1:]
+    assert len(chunks) > 4
+    assembler = weights.Assembler(packed.manifest, depth=3)
+    bad = bytearray(chunks[2].data)
+    bad[0] ^= 0x01
+    sent = [*chunks[:2], type(chunks[2])(data=bytes(bad), offset=chunks[2].offset), *chunks[3:]]
+    with pytest.raises(IntegrityError, match=r"chunk 2 .* failed sha256"):
+        for chunk in sent:
+            assembler.add(chunk.data, chunk.offset)
+            assert assembler.verified <= chunks[2].offset
+        assembler.finish()
+    assert assembler.received == chunks[2].offset
+    for chunk in chunks[2:]:
+        assembler.add(chunk.data, chunk.offset)
+    assert bytes(assembler.finish()) == bytes(packed.payload)
 
 
 def test_out_of_order_and_incomplete_are_rejected() -> None:
@@ -90,7 +110,7 @@ def test_resume_from_a_chunk_boundary() -> None:
     resumed = weights.Assembler(packed.manifest, offset=first.received, buffer=first.buffer)
     for chunk in list(weights.iter_chunks(packed.manifest, packed.payload, offset=first.received))[1:]:
         resumed.add(chunk.data, chunk.offset)
-    assert resumed.finish() == packed.payload
+    assert bytes(resumed.finish()) == bytes(packed.payload)
     with pytest.raises(InvalidRequest, match="not a chunk boundary"):
         next(iter(list(weights.iter_chunks(packed.manifest, packed.payload, offset=3))))
 
