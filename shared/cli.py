@@ -345,9 +345,10 @@ def k8s_status(
 ) -> None:
     """The run's state and the release's pods."""
     from cadence import k8s
+    from cadence.k8s_status import status
 
     clients = k8s.connect(context)
-    typer.echo(k8s.status(clients, run, namespace or clients.namespace, release).render())
+    typer.echo(status(clients, run, namespace or clients.namespace, release).render())
 
 
 @k8s_app.command("logs")
@@ -362,9 +363,10 @@ def k8s_logs(
 ) -> None:
     """Logs of the service's pods working on the run."""
     from cadence import k8s
+    from cadence.k8s_status import logs
 
     clients = k8s.connect(context)
-    for line in k8s.logs(clients, run, namespace or clients.namespace, release, service, tail, follow):
+    for line in logs(clients, run, namespace or clients.namespace, release, service, tail, follow):
         typer.echo(line)
 
 
@@ -372,9 +374,10 @@ def k8s_logs(
 def k8s_stop(run: str, namespace: K8sNamespace = None, release: K8sRelease = None, context: K8sContext = None) -> None:
     """Scale the run's trainer to zero: it checkpoints and exits; inference and reward stay up."""
     from cadence import k8s
+    from cadence.k8s_status import stop
 
     clients = k8s.connect(context)
-    name = k8s.stop(clients, run, namespace or clients.namespace, release)
+    name = stop(clients, run, namespace or clients.namespace, release)
     typer.echo(f"stopping run {run}: statefulset/{name} scaled to 0 (the trainer checkpoints on SIGTERM)")
 
 

@@ -1,12 +1,12 @@
-"""`cadence k8s`: submit, inspect and stop runs on a cluster where the Helm chart is installed.
+"""`cadence k8s submit`: point a release of the Helm chart at a new run (status, logs, stop: `cadence.k8s_status`).
 
 How a submit works (charts/cadence/README.md, "Submitting runs"): the config is validated locally,
 stored in a ConfigMap `<fullname>-run-<run>` (labelled `cadence.dev/run-config`, annotated with the
 run id), and the release is pointed at it with strategic-merge patches: the trainer StatefulSet mounts
 that ConfigMap and gets `CADENCE_RUN_ID`; the inference and reward Deployments get `CADENCE_RUN_ID`
 (inference also `CADENCE_MODEL`), so their pods roll onto the new run's streams; KEDA ScaledObjects
-are re-pointed at the new streams. `stop` scales the trainer to zero (it checkpoints on SIGTERM).
-The release's objects are found by their `app.kubernetes.io/*` labels, never by guessed names.
+are re-pointed at the new streams. The release's objects are found by their `app.kubernetes.io/*`
+labels, never by guessed names.
 
 `kubernetes` is imported only inside the functions that talk to a cluster, so `cadence --help` stays fast.
 """
@@ -34,7 +34,6 @@ RUN_CONFIG = "cadence.dev/run-config"
 STREAM_KIND = "cadence.dev/stream-kind"
 SMP = "application/strategic-merge-patch+json"
 MERGE_PATCH = "application/merge-patch+json"
-SERVICES = ("trainer", "inference", "reward", "broker", "redis")
 KEDA = {"group": "keda.sh", "version": "v1alpha1", "plural": "scaledobjects"}
 
 
@@ -82,7 +81,7 @@ def connect(context: str | None = None) -> Clients:
 
 
 @contextlib.contextmanager
-def _api(what: str) -> Iterator[None]:
+def api_errors(what: str) -> Iterator[None]:
     """Turn Kubernetes API failures into typed errors whose message says what to do."""
     import urllib3
     from kubernetes.client.exceptions import ApiException
@@ -135,7 +134,7 @@ def find_release(clients: Clients, namespace: str, release: str | None = None) -
     """The release in `namespace` (the only one, or the one named); a precise error otherwise."""
     selector = "app.kubernetes.io/name=cadence,app.kubernetes.io/component=trainer"
     selector += f",app.kubernetes.io/instance={release}" if release else ""
-    with _api(f"list Cadence trainers in namespace {namespace}"):
+    with api_errors(f"list Cadence trainers in namespace {namespace}"):
         items = clients.apps.list_namespaced_stateful_set(namespace, label_selector=selector).items
     named = f" {release!r}" if release else ""
     if not items:
@@ -150,6 +149,22 @@ def find_release(clients: Clients, namespace: str, release: str | None = None) -
         )
     trainer = items[0]
     return Release(namespace, trainer.metadata.labels["app.kubernetes.io/instance"], trainer)
+
+
+def find_run_configmap(clients: Clients, rel: Release, run_id: str) -> Any:
+    """The ConfigMap of a run submitted to (or installed with) this release."""
+    with api_errors("list run ConfigMaps"):
+        items = clients.core.list_namespaced_config_map(
+            rel.namespace, label_selector=rel.selector(None, f"{RUN_CONFIG}=true")
+        ).items
+    for item in items:
+        if (item.metadata.annotations or {}).get(RUN_ID) == run_id:
+            return item
+    known = sorted((item.metadata.annotations or {}).get(RUN_ID, "?") for item in items)
+    raise NotFound(
+        f"run {run_id!r} was never submitted to release {rel.name!r} in namespace {rel.namespace!r} "
+        f"(known runs: {', '.join(known) or 'none'}); submit it with `cadence k8s submit CONFIG.yaml`"
+    )
 
 
 def run_slug(run_id: str) -> str:
@@ -265,16 +280,16 @@ def submit(
     result = SubmitResult(config.run_id, rel.name, namespace, configmap)
     replicas = max(int((rel.trainer.metadata.annotations or {}).get(REPLICAS) or rel.trainer.spec.replicas or 1), 1)
     name = rel.trainer.metadata.name
-    with _api(f"patch StatefulSet {name}"):
+    with api_errors(f"patch StatefulSet {name}"):
         clients.apps.patch_namespaced_stateful_set(
             name, namespace, trainer_patch(config, configmap, replicas), _content_type=SMP
         )
     result.patched.append(f"statefulset/{name}")
     for service in ("inference", "reward"):
-        with _api(f"list the {service} Deployment"):
+        with api_errors(f"list the {service} Deployment"):
             deployments = clients.apps.list_namespaced_deployment(namespace, label_selector=rel.selector(service)).items
         for deployment in deployments:
-            with _api(f"patch Deployment {deployment.metadata.name}"):
+            with api_errors(f"patch Deployment {deployment.metadata.name}"):
                 clients.apps.patch_namespaced_deployment(
                     deployment.metadata.name, namespace, worker_patch(service, config), _content_type=SMP
                 )
@@ -296,7 +311,7 @@ def _store_configmap(clients: Clients, rel: Release, body: Any, replace: bool) -
             "its streams hold that run's data); pick a new run_id or pass --replace"
         )
     if existing is None:
-        with _api(f"create ConfigMap {body.metadata.name}"):
+        with api_errors(f"create ConfigMap {body.metadata.name}"):
             clients.core.create_namespaced_config_map(rel.namespace, body)
         return body.metadata.name
     # Keep what others own on the object (Helm's ownership labels and annotations) and its resourceVersion,
@@ -308,14 +323,14 @@ def _store_configmap(clients: Clients, rel: Release, body: Any, replace: bool) -
         body.metadata.labels["app.kubernetes.io/managed-by"] = managed_by
     body.metadata.annotations = {**(keep.annotations or {}), **body.metadata.annotations}
     body.metadata.name, body.metadata.resource_version = keep.name, keep.resource_version
-    with _api(f"replace ConfigMap {body.metadata.name}"):
+    with api_errors(f"replace ConfigMap {body.metadata.name}"):
         clients.core.replace_namespaced_config_map(body.metadata.name, rel.namespace, body)
     return body.metadata.name
 
 
 def _repoint_scaledobjects(clients: Clients, rel: Release, run_id: str) -> list[str]:
     try:
-        with _api("list KEDA ScaledObjects"):
+        with api_errors("list KEDA ScaledObjects"):
             listed = clients.custom.list_namespaced_custom_object(
                 KEDA["group"], KEDA["version"], rel.namespace, KEDA["plural"], label_selector=rel.selector()
             )
@@ -327,159 +342,9 @@ def _repoint_scaledobjects(clients: Clients, rel: Release, run_id: str) -> list[
         if patch is None:
             continue
         name = item["metadata"]["name"]
-        with _api(f"patch ScaledObject {name}"):
+        with api_errors(f"patch ScaledObject {name}"):
             clients.custom.patch_namespaced_custom_object(
                 KEDA["group"], KEDA["version"], rel.namespace, KEDA["plural"], name, patch, _content_type=MERGE_PATCH
             )
         patched.append(f"scaledobject/{name}")
     return patched
-
-
-@dataclass
-class PodRow:
-    """One pod of the release as `status` shows it."""
-
-    service: str
-    name: str
-    phase: str
-    ready: bool
-    restarts: int
-    run_id: str
-
-
-@dataclass
-class RunStatus:
-    """A run as the cluster sees it."""
-
-    run_id: str
-    release: str
-    namespace: str
-    configmap: str
-    submitted_at: str
-    state: str
-    """`running`, `starting`, `stopped`, or `superseded` (another run is current)."""
-    current_run: str
-    pods: list[PodRow]
-
-    def render(self) -> str:
-        lines = [
-            f"run {self.run_id} on release {self.release} (namespace {self.namespace}): {self.state}",
-            f"  config: configmap/{self.configmap}, submitted {self.submitted_at or 'with the chart'}",
-        ]
-        if self.state == "superseded":
-            lines.append(f"  the release now runs {self.current_run!r}")
-        for pod in self.pods:
-            mark = "ready" if pod.ready else "not ready"
-            lines.append(
-                f"  {pod.service:<9} {pod.name:<48} {pod.phase:<9} {mark:<9} restarts={pod.restarts} run={pod.run_id}"
-            )
-        return "\n".join(lines)
-
-
-def find_run_configmap(clients: Clients, rel: Release, run_id: str) -> Any:
-    """The ConfigMap of a run submitted to (or installed with) this release."""
-    with _api("list run ConfigMaps"):
-        items = clients.core.list_namespaced_config_map(
-            rel.namespace, label_selector=rel.selector(None, f"{RUN_CONFIG}=true")
-        ).items
-    for item in items:
-        if (item.metadata.annotations or {}).get(RUN_ID) == run_id:
-            return item
-    known = sorted((item.metadata.annotations or {}).get(RUN_ID, "?") for item in items)
-    raise NotFound(
-        f"run {run_id!r} was never submitted to release {rel.name!r} in namespace {rel.namespace!r} "
-        f"(known runs: {', '.join(known) or 'none'}); submit it with `cadence k8s submit CONFIG.yaml`"
-    )
-
-
-def status(clients: Clients, run_id: str, namespace: str, release: str | None = None) -> RunStatus:
-    """The run's state, its config, and the release's pods."""
-    rel = find_release(clients, namespace, release)
-    configmap = find_run_configmap(clients, rel, run_id)
-    spec, st = rel.trainer.spec, rel.trainer.status
-    if rel.current_run != run_id:
-        state = "superseded"
-    elif not spec.replicas or (rel.trainer.metadata.annotations or {}).get(RUN_STATE) == "stopped":
-        state = "stopped"
-    else:
-        state = "running" if (st and (st.ready_replicas or 0) >= spec.replicas) else "starting"
-    with _api("list the release's pods"):
-        pods = clients.core.list_namespaced_pod(namespace, label_selector=rel.selector()).items
-    rows = [_pod_row(pod) for pod in pods]
-    rows.sort(key=lambda row: (SERVICES.index(row.service) if row.service in SERVICES else 99, row.name))
-    submitted = (configmap.metadata.annotations or {}).get(SUBMITTED_AT, "")
-    return RunStatus(run_id, rel.name, namespace, configmap.metadata.name, submitted, state, rel.current_run, rows)
-
-
-def _pod_row(pod: Any) -> PodRow:
-    statuses = (pod.status.container_statuses if pod.status else None) or []
-    return PodRow(
-        service=(pod.metadata.labels or {}).get("app.kubernetes.io/component", "?"),
-        name=pod.metadata.name,
-        phase=(pod.status.phase if pod.status else None) or "Unknown",
-        ready=bool(statuses) and all(s.ready for s in statuses),
-        restarts=sum(s.restart_count or 0 for s in statuses),
-        run_id=(pod.metadata.annotations or {}).get(RUN_ID, ""),
-    )
-
-
-def logs(
-    clients: Clients,
-    run_id: str,
-    namespace: str,
-    release: str | None = None,
-    service: str = "trainer",
-    tail: int = 200,
-    follow: bool = False,
-) -> Iterator[str]:
-    """Log lines of the service's pods that work on the run, each prefixed with its pod's name."""
-    if service not in SERVICES[:3]:
-        raise InvalidRequest(f"--service must be one of trainer, inference, reward (got {service!r})")
-    rel = find_release(clients, namespace, release)
-    find_run_configmap(clients, rel, run_id)
-    with _api(f"list {service} pods"):
-        pods = clients.core.list_namespaced_pod(namespace, label_selector=rel.selector(service)).items
-    pods = sorted(
-        (p for p in pods if (p.metadata.annotations or {}).get(RUN_ID) == run_id), key=lambda p: p.metadata.name
-    )
-    if not pods:
-        raise Conflict(
-            f"no {service} pod works on run {run_id!r} now (release {rel.name!r} runs {rel.current_run!r}); "
-            "a finished run's metrics stay in the trainer's run folder"
-        )
-    if follow and len(pods) > 1:
-        raise InvalidRequest(
-            f"--follow reads one pod but {len(pods)} {service} pods work on {run_id!r}; use kubectl logs -f"
-        )
-    for pod in pods:
-        name = pod.metadata.name
-        with _api(f"read the log of pod {name}"):
-            if follow:
-                stream = clients.core.read_namespaced_pod_log(
-                    name, namespace, container=service, tail_lines=tail, follow=True, _preload_content=False
-                )
-                for line in stream:
-                    yield f"[{name}] {line.decode(errors='replace').rstrip()}"
-                continue
-            text = clients.core.read_namespaced_pod_log(name, namespace, container=service, tail_lines=tail)
-        yield from (f"[{name}] {line}" for line in text.splitlines())
-
-
-def stop(clients: Clients, run_id: str, namespace: str, release: str | None = None) -> str:
-    """Scale the trainer of the run to zero (SIGTERM: it checkpoints and exits); returns the StatefulSet."""
-    rel = find_release(clients, namespace, release)
-    configmap = find_run_configmap(clients, rel, run_id)
-    if rel.current_run != run_id:
-        raise Conflict(f"run {run_id!r} is not running: release {rel.name!r} runs {rel.current_run!r}")
-    name = rel.trainer.metadata.name
-    patch = {"metadata": {"annotations": {RUN_STATE: "stopped"}}, "spec": {"replicas": 0}}
-    with _api(f"scale StatefulSet {name} to zero"):
-        clients.apps.patch_namespaced_stateful_set(name, namespace, patch, _content_type=SMP)
-    with _api(f"mark ConfigMap {configmap.metadata.name} stopped"):
-        clients.core.patch_namespaced_config_map(
-            configmap.metadata.name,
-            namespace,
-            {"metadata": {"annotations": {RUN_STATE: "stopped"}}},
-            _content_type=MERGE_PATCH,
-        )
-    return name

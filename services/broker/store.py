@@ -3,22 +3,17 @@
 A version becomes visible only once it is complete and verified (the caller assembles and checks the chunks,
 `put` stores the result in one step). Per run it keeps the newest `retain` versions plus any older version a
 fetch is still reading (reference counted), and never holds more than `max_bytes` of payload, publishes in
-flight included. The directory store writes each version into a temporary folder and renames it into place,
-so a crash never leaves half a version visible, and it reloads (and re-verifies) what is on disk at start.
+flight included. The directory backend is `cadence.broker.directory_store`.
 
 Pure logic: no gRPC. `cadence.broker.server` is the transport around it.
 """
 
 from __future__ import annotations
 
-import json
 import mmap
-import os
 import re
-import shutil
 import threading
 import time
-import uuid
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -36,17 +31,16 @@ from cadence.errors import (
 )
 from cadence.logging import get_logger
 from cadence.v1.common_pb2 import VersionInfo, WeightManifest
-from cadence.weights import validate_manifest, verify_payload, version_info
+from cadence.weights import validate_manifest, version_info
 
 log = get_logger(__name__)
 
-_RUN_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
-_VERSION_DIR = re.compile(r"^v(\d{12})$")
+RUN_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 Payload = bytes | bytearray | mmap.mmap
 
 
 @dataclass
-class _Slot:
+class Slot:
     """One stored version; `evicted` slots stay only while `readers` > 0 and are invisible to new fetches."""
 
     info: VersionInfo
@@ -73,7 +67,7 @@ class StoreStats:
 class Reader:
     """A held reference to one version; `close()` (or leaving the `with`) lets eviction reclaim it."""
 
-    def __init__(self, store: WeightStore, slot: _Slot) -> None:
+    def __init__(self, store: WeightStore, slot: Slot) -> None:
         self._store, self._slot, self._closed = store, slot, False
         self.info: VersionInfo = slot.info
         self.manifest: WeightManifest = slot.manifest
@@ -92,7 +86,7 @@ class Reader:
 
 def check_run_id(run_id: str) -> str:
     """Run ids name folders on the volume, so they are restricted to a safe alphabet."""
-    if not _RUN_ID.match(run_id):
+    if not RUN_ID.match(run_id):
         raise InvalidRequest(
             f"run id {run_id!r} is not valid: use 1-128 characters from A-Z a-z 0-9 . _ - (not starting with . _ -)"
         )
@@ -111,7 +105,7 @@ class WeightStore(ABC):
         self.max_bytes = max_bytes
         self._cond = threading.Condition()
         self._publish_lock = threading.Lock()
-        self._runs: dict[str, dict[int, _Slot]] = {}
+        self._runs: dict[str, dict[int, Slot]] = {}
         self._staging = 0
         self._watchers = 0
         self._closed = False
@@ -167,7 +161,7 @@ class WeightStore(ABC):
             info = version_info(manifest, published_unix=time.time())
             stored, path = self._persist(manifest, payload, info)
             with self._cond:
-                self._runs.setdefault(info.run_id, {})[info.version] = _Slot(info, manifest, stored, path)
+                self._runs.setdefault(info.run_id, {})[info.version] = Slot(info, manifest, stored, path)
                 self._evict(info.run_id)
                 self._cond.notify_all()
         log.info("published", extra={"run_id": info.run_id, "version": info.version, "bytes": info.total_bytes})
@@ -306,7 +300,7 @@ class WeightStore(ABC):
         """Make the payload durable in this backend; return what readers read and where it lives."""
 
     @abstractmethod
-    def _discard(self, slot: _Slot) -> None:
+    def _discard(self, slot: Slot) -> None:
         """Free an evicted version nobody reads any more."""
 
 
@@ -316,84 +310,8 @@ class MemoryStore(WeightStore):
     def _persist(self, manifest: WeightManifest, payload: Payload, info: VersionInfo) -> tuple[Payload, Path | None]:
         return payload, None  # the caller hands over its buffer: no copy
 
-    def _discard(self, slot: _Slot) -> None:
+    def _discard(self, slot: Slot) -> None:
         slot.payload = b""
-
-
-class DirectoryStore(WeightStore):
-    """Payloads on a directory (`<root>/<run_id>/v<version>/`), read through mmap; survives restarts."""
-
-    def __init__(self, root: Path, retain: int = 2, max_bytes: int = 16 << 30) -> None:
-        super().__init__(retain, max_bytes)
-        self.root = Path(root)
-        try:
-            self.root.mkdir(parents=True, exist_ok=True)
-        except OSError as error:
-            raise ConfigError(
-                f"cannot create the store directory {self.root}: {error}; pass a writable --store"
-            ) from error
-        self._load()
-
-    def _persist(self, manifest: WeightManifest, payload: Payload, info: VersionInfo) -> tuple[Payload, Path | None]:
-        run_dir = self.root / info.run_id
-        run_dir.mkdir(exist_ok=True)
-        tmp = run_dir / f".tmp-{info.version}-{uuid.uuid4().hex}"
-        final = run_dir / f"v{info.version:012d}"
-        tmp.mkdir()
-        try:
-            _write_synced(tmp / "payload.bin", payload)
-            _write_synced(tmp / "manifest.pb", manifest.SerializeToString())
-            _write_synced(tmp / "info.json", json.dumps({"published_unix": info.published_unix}).encode())
-            os.rename(tmp, final)
-            _fsync_dir(run_dir)
-        except OSError as error:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise Overloaded(
-                f"cannot write version {info.version} under {run_dir}: {error}; free space on the volume or "
-                f"lower --retain",
-                retry_after=5.0,
-            ) from error
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
-        return _map(final / "payload.bin", info.total_bytes), final
-
-    def _discard(self, slot: _Slot) -> None:
-        # Dropping the map (not closing it) lets views a finishing stream still holds stay valid; it is
-        # unmapped when the last one goes, and POSIX keeps the deleted file's pages until then.
-        slot.payload = b""
-        if slot.path is not None:
-            shutil.rmtree(slot.path, ignore_errors=True)
-
-    def _load(self) -> None:
-        """Reload verified versions, delete leftovers of interrupted writes, then apply retention."""
-        for run_dir in sorted(p for p in self.root.iterdir() if p.is_dir() and _RUN_ID.match(p.name)):
-            for entry in sorted(run_dir.iterdir()):
-                if entry.name.startswith(".tmp-"):
-                    log.warning("removing an interrupted publish", extra={"path": str(entry)})
-                    shutil.rmtree(entry, ignore_errors=True)
-                elif _VERSION_DIR.match(entry.name):
-                    slot = self._load_version(run_dir.name, entry)
-                    if slot is not None:
-                        self._runs.setdefault(slot.info.run_id, {})[slot.info.version] = slot
-            if run_dir.name in self._runs:
-                self._evict(run_dir.name)
-        log.info("store loaded", extra={"root": str(self.root), "versions": len(self.versions())})
-
-    def _load_version(self, run_id: str, path: Path) -> _Slot | None:
-        try:
-            manifest = WeightManifest.FromString((path / "manifest.pb").read_bytes())
-            published = json.loads((path / "info.json").read_text())["published_unix"]
-            validate_manifest(manifest)
-            payload = _map(path / "payload.bin", manifest.total_bytes)
-            if (manifest.run_id, f"v{manifest.version:012d}") != (run_id, path.name):
-                raise InvalidRequest(f"manifest names run {manifest.run_id!r} version {manifest.version}")
-            verify_payload(manifest, payload)
-        except Exception as error:
-            log.warning("discarding an unreadable stored version", extra={"path": str(path), "error": str(error)})
-            shutil.rmtree(path, ignore_errors=True)
-            return None
-        return _Slot(version_info(manifest, published), manifest, payload, path)
 
 
 def open_store(spec: str, retain: int = 2, max_bytes: int = 16 << 30) -> WeightStore:
@@ -402,27 +320,6 @@ def open_store(spec: str, retain: int = 2, max_bytes: int = 16 << 30) -> WeightS
         return MemoryStore(retain, max_bytes)
     if not spec:
         raise ConfigError("the store is empty: pass --store memory or --store DIR (CADENCE_STORE)")
+    from cadence.broker.directory_store import DirectoryStore  # a subclass of WeightStore: it imports this module
+
     return DirectoryStore(Path(spec), retain, max_bytes)
-
-
-def _write_synced(path: Path, data: bytes) -> None:
-    with open(path, "wb") as handle:
-        handle.write(data)
-        handle.flush()
-        os.fsync(handle.fileno())
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _map(path: Path, size: int) -> Payload:
-    """A read-only map of a payload file (mmap cannot map an empty file, so that one is just b"")."""
-    if size == 0:
-        return b""
-    with open(path, "rb") as handle:
-        return mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ)

@@ -5,9 +5,11 @@ synchronous and concurrent `generate` calls (the worker and gRPC `Generate`) are
 
 Weights change in place, never by restarting: `WeightLoaderExtension` is mixed into vLLM's worker class
 (`worker_extension_cls`) and reached through `collective_rpc`. RPC arguments cross a process boundary and
-cannot carry tensors, so each tensor travels as raw bytes + dtype + shape and the extension rebuilds it and
-feeds the worker's `reload_weights(weights_iterator=...)` — the only path that works on CPU, where the model
-runner repacks weights after loading. The prefix cache is reset afterwards, or cached KV blocks of the old
+cannot carry tensors, and pickling hundreds of MB through vLLM's RPC is slow (SmolLM2-135M: 11 s here), so
+the tensors are written once into a safetensors file in shared memory (/dev/shm; the temp dir where it is
+missing or too small), only its path crosses the RPC, and the extension memory-maps it and feeds the
+worker's `reload_weights(weights_iterator=...)` — the only path that works on CPU, where the model runner
+repacks weights after loading. The prefix cache is reset afterwards, or cached KV blocks of the old
 weights would be reused. vLLM spawns an engine process: scripts that build this engine need a
 `if __name__ == "__main__":` guard.
 """
@@ -16,7 +18,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
+import shutil
+import struct
+import tempfile
 import threading
 import uuid
 from collections.abc import Coroutine, Iterable, Iterator
@@ -26,13 +32,13 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from cadence.errors import InvalidRequest
 from cadence.inference.engine import Engine, Sample, SamplingParams
 from cadence.paths import cadence_home
+from cadence.weights import dtype_name
 
 if TYPE_CHECKING:
     import torch
 
 T = TypeVar("T")
-WireTensor = tuple[str, str, list[int], bytes]
-"""(name, torch dtype name, shape, raw bytes): a tensor in a form `collective_rpc` can serialize."""
+SHARED_MEMORY = Path("/dev/shm")
 
 
 def configure_vllm_environment(kv_cache_gib: float) -> None:
@@ -45,18 +51,15 @@ def configure_vllm_environment(kv_cache_gib: float) -> None:
 class WeightLoaderExtension:
     """Mixed into vLLM's worker (`self` is the worker); its methods are called by name via `collective_rpc`."""
 
-    def cadence_load_weights(self, tensors: list[WireTensor]) -> int:
-        """Rebuild the tensors and reload them in place; returns how many were loaded."""
-        import torch
+    def cadence_load_weights_file(self, path: str) -> int:
+        """Reload the weights in place from a safetensors file (memory-mapped); returns how many were loaded."""
+        from safetensors import safe_open
 
-        def weights() -> Iterator[tuple[str, torch.Tensor]]:
-            for name, dtype, shape, data in tensors:
-                flat = torch.frombuffer(bytearray(data), dtype=getattr(torch, dtype))
-                yield name, flat.reshape(shape)
-
-        self.reload_weights(weights_iterator=weights())  # type: ignore[attr-defined]
+        with safe_open(path, framework="pt") as handle:
+            names = list(handle.keys())
+            self.reload_weights(weights_iterator=((name, handle.get_tensor(name)) for name in names))  # type: ignore[attr-defined]
         _reprocess_tied_layers(self.model_runner.get_model())  # type: ignore[attr-defined]
-        return len(tensors)
+        return len(names)
 
 
 def _reprocess_tied_layers(model: Any) -> None:
@@ -76,13 +79,39 @@ def _reprocess_tied_layers(model: Any) -> None:
                 module.quant_method.process_weights_after_loading(module)
 
 
-def to_wire(name: str, tensor: torch.Tensor) -> WireTensor:
-    """A tensor as (name, dtype, shape, bytes); bytes via uint8 so bf16 works without numpy support."""
+def write_safetensors(path: Path, tensors: list[tuple[str, torch.Tensor]]) -> None:
+    """Write `tensors` as a safetensors file with one copy of their bytes (views of one buffer are fine)."""
     import torch
 
-    flat = tensor.detach().to("cpu").contiguous().reshape(-1)
-    data = flat.view(torch.uint8).numpy().tobytes()
-    return name, str(tensor.dtype).removeprefix("torch."), list(tensor.shape), data
+    header: dict[str, Any] = {}
+    offset = 0
+    for name, tensor in tensors:
+        nbytes = tensor.numel() * tensor.element_size()
+        header[name] = {
+            "dtype": dtype_name(tensor.dtype),
+            "shape": list(tensor.shape),
+            "data_offsets": [offset, offset + nbytes],
+        }
+        offset += nbytes
+    encoded = json.dumps(header, separators=(",", ":")).encode()
+    encoded += b" " * (-len(encoded) % 8)  # the format aligns the data to 8 bytes
+    with open(path, "wb") as out:
+        out.write(struct.pack("<Q", len(encoded)))
+        out.write(encoded)
+        for _, tensor in tensors:
+            out.write(tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy())
+
+
+def handoff_dir(nbytes: int) -> Path:
+    """Where to put a weight file for the engine process: shared memory when it has room (a container's
+    /dev/shm is often 64 MB unless a larger one is mounted, as the chart does), else the temp dir."""
+    try:
+        free = shutil.disk_usage(SHARED_MEMORY).free
+    except OSError:
+        free = 0
+    if free > nbytes + (64 << 20) and os.access(SHARED_MEMORY, os.W_OK):
+        return SHARED_MEMORY
+    return Path(tempfile.gettempdir())
 
 
 class VllmEngine(Engine):
@@ -160,13 +189,21 @@ class VllmEngine(Engine):
         return [_sample(completion) for completion in final.outputs]
 
     def _load(self, tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
-        wire = [to_wire(name, tensor) for name, tensor in self._checked(tensors)]
-        if not wire:
+        checked = list(self._checked(tensors))
+        if not checked:
             raise InvalidRequest("no weights given: a weight update needs at least one tensor")
-        self._run(self._reload(wire))
+        nbytes = sum(tensor.numel() * tensor.element_size() for _, tensor in checked)
+        handle, name = tempfile.mkstemp(prefix="cadence-weights-", suffix=".safetensors", dir=handoff_dir(nbytes))
+        os.close(handle)
+        path = Path(name)
+        try:
+            write_safetensors(path, checked)
+            self._run(self._reload(path))
+        finally:
+            path.unlink(missing_ok=True)
 
-    async def _reload(self, wire: list[WireTensor]) -> None:
-        await self._llm.collective_rpc("cadence_load_weights", args=(wire,))
+    async def _reload(self, path: Path) -> None:
+        await self._llm.collective_rpc("cadence_load_weights_file", args=(str(path),))
         await self._llm.reset_prefix_cache()
 
     def _checked(self, tensors: Iterable[tuple[str, torch.Tensor]]) -> Iterator[tuple[str, torch.Tensor]]:

@@ -28,24 +28,6 @@ from cadence.v1 import reward_pb2, reward_pb2_grpc
 KEY = "s3cret-key"
 
 
-@pytest.fixture(scope="module")
-def random_rm(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    import torch
-    from transformers import LlamaForSequenceClassification
-
-    from cadence.models.tiny import tiny_config
-    from cadence.models.tokenizer import build_tokenizer
-
-    out = tmp_path_factory.mktemp("rm")
-    tokenizer = build_tokenizer()
-    config = tiny_config(len(tokenizer), pad_token_id=tokenizer.pad_token_id)
-    config.num_labels = 1
-    torch.manual_seed(0)
-    LlamaForSequenceClassification(config).save_pretrained(out)
-    tokenizer.save_pretrained(out)
-    return out
-
-
 def _serve(**overrides: object) -> RewardService:
     base = {"host": "127.0.0.1", "http_port": free_port(), "grpc_port": free_port(), "worker": False}
     service = RewardService(RewardSettings(**{**base, "rm_device": "cpu", **overrides}))
@@ -54,8 +36,8 @@ def _serve(**overrides: object) -> RewardService:
 
 
 @pytest.fixture(scope="module")
-def open_service(random_rm: Path) -> Iterator[RewardService]:
-    service = _serve(reward_model=str(random_rm), pool_processes=2, item_timeout_seconds=2.0)
+def open_service(random_rm_dir: Path) -> Iterator[RewardService]:
+    service = _serve(reward_model=str(random_rm_dir), pool_processes=2, item_timeout_seconds=2.0)
     yield service
     service.stop()
 

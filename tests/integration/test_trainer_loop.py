@@ -243,7 +243,7 @@ def test_crash_and_restart_resume_without_loss_or_duplication(
     ).read(1000)
     assert sorted(trained) == sorted(entry.message.prompt_id for entry in enqueued)
     assert [row["policy_versions"] for row in ledger] == [[t, t] for t in range(6)]
-    assert restarted.consumer.pending() == 0
+    assert restarted.intake.consumer.pending() == 0
 
 
 def test_grpo_old_policy_is_the_last_published_version_with_a_fixed_reference(

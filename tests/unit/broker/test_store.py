@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from cadence.broker.store import DirectoryStore, MemoryStore, WeightStore, open_store
+from cadence.broker.directory_store import DirectoryStore
+from cadence.broker.store import MemoryStore, WeightStore, open_store
 from cadence.errors import ConfigError, Conflict, InvalidRequest, NotReady, Overloaded, TooLarge, VersionNotFound
 from cadence.weights import Packed, pack
 

@@ -17,6 +17,7 @@ from safetensors.torch import load_file
 
 from cadence.errors import InvalidRequest
 from cadence.inference.engine import Generation, HFEngine, SamplingParams
+from cadence.inference.vllm_engine import handoff_dir
 
 if TYPE_CHECKING:
     from cadence.inference.vllm_engine import VllmEngine
@@ -98,6 +99,7 @@ def test_weight_update_through_the_worker_extension(engine: VllmEngine, tiny_mod
     engine.load_weights([*seed.items(), ("lm_head.weight", seed["model.embed_tokens.weight"])], version=2)
     restored = engine.generate(PROMPTS, GREEDY)
     assert (changed.policy_version, restored.policy_version) == (1, 2)
+    assert not list(handoff_dir(0).glob("cadence-weights-*")), "the weight file is removed after the load"
     assert tokens(changed) != tokens(before)
     assert tokens(restored) == tokens(before)
     for a, b in zip(restored.completions, before.completions, strict=True):

@@ -12,7 +12,7 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from cadence import k8s
+from cadence import k8s, k8s_status
 from cadence.config import parse_run_config
 from cadence.errors import Conflict, InvalidRequest, NotFound, NotReady, PermissionDenied
 
@@ -187,48 +187,48 @@ def test_status_reports_the_run_and_pods(api, clients, render, serve_release) ->
         _pod("rel-cadence-inference-a", "inference", "toy-dpo", ready=False),
     ]
     api.route("GET", PODS, as_list("Pod", pods))
-    status = k8s.status(clients, "toy-dpo", NAMESPACE)
+    status = k8s_status.status(clients, "toy-dpo", NAMESPACE)
     assert (status.state, status.configmap, status.current_run) == ("running", "rel-cadence-run", "toy-dpo")
     assert [(p.service, p.ready, p.restarts) for p in status.pods] == [("trainer", True, 1), ("inference", False, 1)]
     assert "run toy-dpo on release rel (namespace cadence): running" in status.render()
     with pytest.raises(NotFound, match=r"run 'other' was never submitted .*known runs: toy-dpo"):
-        k8s.status(clients, "other", NAMESPACE)
+        k8s_status.status(clients, "other", NAMESPACE)
 
 
 def test_logs_read_the_pods_of_the_run(api, clients, render, serve_release) -> None:
     serve_release(render())
     api.route("GET", PODS, as_list("Pod", [_pod("rel-cadence-trainer-0", "trainer", "toy-dpo")]))
     api.route("GET", f"{PODS}/rel-cadence-trainer-0/log", "step 1 loss 0.69\nstep 2 loss 0.61\n")
-    lines = list(k8s.logs(clients, "toy-dpo", NAMESPACE, tail=50))
+    lines = list(k8s_status.logs(clients, "toy-dpo", NAMESPACE, tail=50))
     assert lines == ["[rel-cadence-trainer-0] step 1 loss 0.69", "[rel-cadence-trainer-0] step 2 loss 0.61"]
     log_request = api.requests[-1]
     assert log_request.query == {"container": ["trainer"], "tailLines": ["50"]}
-    followed = list(k8s.logs(clients, "toy-dpo", NAMESPACE, tail=5, follow=True))
+    followed = list(k8s_status.logs(clients, "toy-dpo", NAMESPACE, tail=5, follow=True))
     assert followed == lines and api.requests[-1].query == {
         "container": ["trainer"],
         "follow": ["true"],
         "tailLines": ["5"],
     }
     with pytest.raises(InvalidRequest, match="--service must be one of"):
-        list(k8s.logs(clients, "toy-dpo", NAMESPACE, service="redis"))
+        list(k8s_status.logs(clients, "toy-dpo", NAMESPACE, service="redis"))
 
 
 def test_stop_scales_the_trainer_to_zero(api, clients, render, serve_release) -> None:
     objects = render()
     serve_release(objects)
     api.route("PATCH", f"{CONFIGMAPS}/rel-cadence-run", objects[("ConfigMap", "rel-cadence-run")])
-    assert k8s.stop(clients, "toy-dpo", NAMESPACE) == "rel-cadence-trainer"
+    assert k8s_status.stop(clients, "toy-dpo", NAMESPACE) == "rel-cadence-trainer"
     scale, mark = api.writes()
     assert scale.body == {"metadata": {"annotations": {k8s.RUN_STATE: "stopped"}}, "spec": {"replicas": 0}}
     assert (scale.content_type, mark.content_type) == (k8s.SMP, k8s.MERGE_PATCH)
     with pytest.raises(NotFound):
-        k8s.stop(clients, "not-a-run", NAMESPACE)
+        k8s_status.stop(clients, "not-a-run", NAMESPACE)
 
 
 def test_release_lookup_errors(api, clients, render) -> None:
     api.route("GET", STS, as_list("StatefulSet", []))
     with pytest.raises(NotFound, match="no Cadence release in namespace 'cadence': install the chart"):
-        k8s.status(clients, "x", NAMESPACE)
+        k8s_status.status(clients, "x", NAMESPACE)
     one = render()[("StatefulSet", "rel-cadence-trainer")]
     two = yaml.safe_load(yaml.safe_dump(one))
     two["metadata"]["name"], two["metadata"]["labels"]["app.kubernetes.io/instance"] = "b-cadence-trainer", "b"
@@ -321,9 +321,9 @@ def test_the_submitter_role_covers_every_call(api, clients, render, serve_releas
     api.route("GET", PODS, as_list("Pod", [_pod("rel-cadence-trainer-0", "trainer", "math-s4")]))
     api.route("GET", f"{PODS}/rel-cadence-trainer-0/log", "ok\n")
     api.route("PATCH", f"{CONFIGMAPS}/rel-cadence-run-math-s4", configmap)
-    k8s.status(clients, "math-s4", NAMESPACE)
-    assert list(k8s.logs(clients, "math-s4", NAMESPACE)) == ["[rel-cadence-trainer-0] ok"]
-    k8s.stop(clients, "math-s4", NAMESPACE)
+    k8s_status.status(clients, "math-s4", NAMESPACE)
+    assert list(k8s_status.logs(clients, "math-s4", NAMESPACE)) == ["[rel-cadence-trainer-0] ok"]
+    k8s_status.stop(clients, "math-s4", NAMESPACE)
 
     role = objects[("Role", "rel-cadence-submitter")]
     allowed = {

@@ -1,0 +1,65 @@
+"""The trainer's side of the broker: publish a version, never twice, and keep it there through broker faults.
+
+- A version the broker already holds (a replay after a trainer restart) is not published again.
+- An unreachable broker is waited out (`BROKER_PATIENCE_SECONDS`), so a restarting broker never kills a run.
+- A broker that restarted empty gets the newest version again (`republish_if_lost`).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+from cadence.errors import NotReady
+from cadence.logging import get_logger
+
+log = get_logger(__name__)
+
+BROKER_PATIENCE_SECONDS = 600.0
+"""How long a publish waits out an unreachable broker before the trainer gives up."""
+T = TypeVar("T")
+
+
+class Publisher:
+    """Puts the trainer's weights on the broker through `transport` (a `BrokerClient`)."""
+
+    def __init__(self, transport: Any, stop_requested: threading.Event) -> None:
+        self.transport, self.stop_requested = transport, stop_requested
+
+    def publish(self, state: dict, version: int) -> None:
+        """Upload `version` unless the broker already holds it (a replay after a restart)."""
+        latest = self._latest_version()
+        if latest is not None and latest >= version:
+            log.warning("version %d already published (broker has %d); not publishing it again", version, latest)
+        else:
+            self.patiently(lambda: self.transport.publish(state, version), f"publish version {version}")
+
+    def republish_if_lost(self, version: int, gather: Callable[[], dict]) -> None:
+        """A broker restarted without a persistent store has lost our newest version, and workers that need it
+        would wait forever: publish it again from `gather()`, which must return the weights of that version."""
+        latest = self._latest_version()
+        if latest is not None and latest >= version:
+            return
+        log.warning("the broker lost version %d (it has %s); publishing it again", version, latest)
+        state = gather()
+        self.patiently(lambda: self.transport.publish(state, version), f"publish version {version} again")
+
+    def patiently(self, call: Callable[[], T], what: str) -> T:
+        """A broker call that outlives a broker restart: `NotReady` (after the client's own retries) is
+        retried with backoff for up to `BROKER_PATIENCE_SECONDS`, unless a stop is requested meanwhile."""
+        started, delay = time.monotonic(), 1.0
+        while True:
+            try:
+                return call()
+            except NotReady as error:
+                if time.monotonic() - started > BROKER_PATIENCE_SECONDS or self.stop_requested.is_set():
+                    raise
+                log.warning("broker unavailable (%s) during: %s; retrying in %.0fs", error, what, delay)
+                time.sleep(delay)
+                delay = min(delay * 2, 30.0)
+
+    def _latest_version(self) -> int | None:
+        latest = self.patiently(self.transport.latest, "read the broker's latest version")
+        return None if latest is None else latest.version
