@@ -207,12 +207,12 @@ class BrokerClient(WeightTransport):
             return
         if state.assembler is None or message is None:
             raise errors.IntegrityError("the broker sent something other than the manifest and then data chunks")
-        try:
+        try:  # a damaged chunk shows up in the `add` of a later chunk or in `finish` (verification is pipelined)
             state.assembler.add(message.data, message.offset)
+            if state.assembler.complete:
+                state.assembler.finish()
         except errors.IntegrityError as error:
             raise _DamagedChunk(str(error)) from error
-        if state.assembler.complete:
-            state.assembler.finish()
         yield from state.ready()
 
     def _check_manifest(self, state: _Fetch, manifest: common_pb2.WeightManifest) -> None:

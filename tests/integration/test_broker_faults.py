@@ -152,11 +152,14 @@ def test_fetch_resumes_after_the_connection_drops(broker: BrokerProcess) -> None
     assert info.total_bytes <= sent < 1.6 * info.total_bytes  # resumed from a chunk, not from scratch
 
 
-def test_a_chunk_damaged_in_transit_is_refused_and_fetched_again(broker: BrokerProcess) -> None:
+@pytest.mark.parametrize("where", ["middle", "last chunk"])
+def test_a_chunk_damaged_in_transit_is_refused_and_fetched_again(broker: BrokerProcess, where: str) -> None:
+    """Verification is pipelined: damage in the last chunk is only found when the fetch finishes."""
     weights = state(4)
     with BrokerClient(broker.target, RUN) as direct:
         info = direct.publish(weights, version=4)
-    proxy = CuttingProxy(broker.port, cut_after=info.total_bytes // 2 + 12345, direction="down", flip=True)
+    damaged_at = info.total_bytes // 2 + 12345 if where == "middle" else info.total_bytes - 1000
+    proxy = CuttingProxy(broker.port, cut_after=damaged_at, direction="down", flip=True)
     try:
         with BrokerClient(proxy.address, RUN, backoff=0.05) as client:
             assert bit_exact(client.fetch(4), weights)
