@@ -155,18 +155,9 @@ def rm_model_dir(tmp: Path) -> tuple[Path, str]:
     built = models_dir() / "tiny-rm-seed0"
     if (built / MARKER).is_file():
         return built, "tiny-rm"
-    import torch
-    from transformers import LlamaForSequenceClassification
+    from cadence.models.tiny import save_untrained_rm
 
-    from cadence.models.tiny import tiny_config
-    from cadence.models.tokenizer import build_tokenizer
-
-    tokenizer = build_tokenizer()
-    config = tiny_config(len(tokenizer), pad_token_id=tokenizer.pad_token_id)
-    config.num_labels = 1
-    torch.manual_seed(0)
-    LlamaForSequenceClassification(config).save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
+    save_untrained_rm(tmp)
     return tmp, "tiny-rm shape, random init"
 
 

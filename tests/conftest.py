@@ -117,20 +117,9 @@ def untrained_tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def random_rm_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A `LlamaForSequenceClassification` (1 label) with random weights and the toy tokenizer: fast, real."""
-    import torch
-    from transformers import LlamaForSequenceClassification
+    from cadence.models.tiny import save_untrained_rm
 
-    from cadence.models.tiny import tiny_config
-    from cadence.models.tokenizer import build_tokenizer
-
-    out = tmp_path_factory.mktemp("random-rm")
-    tokenizer = build_tokenizer()
-    config = tiny_config(len(tokenizer), pad_token_id=tokenizer.pad_token_id)
-    config.num_labels = 1
-    torch.manual_seed(0)
-    LlamaForSequenceClassification(config).save_pretrained(out, safe_serialization=True)
-    tokenizer.save_pretrained(out)
-    return out
+    return save_untrained_rm(tmp_path_factory.mktemp("random-rm"))
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

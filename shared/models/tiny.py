@@ -62,6 +62,25 @@ def save_untrained_tiny(out_dir: Path, seed: int = 0) -> Path:
     return out_dir
 
 
+def save_untrained_rm(out_dir: Path, seed: int = 0) -> Path:
+    """Save a random-init tiny reward model (`LlamaForSequenceClassification`, one score) and the toy
+    tokenizer: the shape of `tiny-rm` without its training, for tests and benchmarks that need speed only."""
+    import torch
+    from transformers import LlamaForSequenceClassification
+
+    from cadence.models.tokenizer import build_tokenizer
+
+    out_dir = Path(out_dir)
+    tokenizer = build_tokenizer()
+    config = tiny_config(len(tokenizer), pad_token_id=tokenizer.pad_token_id)
+    config.num_labels = 1
+    torch.manual_seed(seed)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    LlamaForSequenceClassification(config).save_pretrained(out_dir, safe_serialization=True)
+    tokenizer.save_pretrained(out_dir)
+    return out_dir
+
+
 def _check_vllm(model_dir: Path) -> None:
     """Load `model_dir` in vLLM (CPU, fp32, eager) and greedily generate a few tokens."""
     import os
