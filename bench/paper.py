@@ -104,6 +104,27 @@ def accuracy_curve(run: Run, setup: Setup) -> list[tuple[int, float, float]]:
     return curve
 
 
+def rm_win_rate(run: Run, setup: Setup) -> tuple[float, float | None]:
+    """(win rate, length-normalised reward) of the run's final model against the seed's answers on held-out
+    toy chat prompts, judged by tiny-RM — the reward model it trained on (so reward hacking shows as a high
+    win rate with a falling math accuracy)."""
+    from cadence.evaluation import baseline_answers, evaluate_chat, load_eval_problems
+    from cadence.inference.engine import create_engine
+    from cadence.models import resolve_model
+    from cadence.reward.reward_model import RewardModel
+
+    problems = load_eval_problems("toy", "test", setup.problems, seed=0, kind="chat")
+    seed_answers = baseline_answers(problems, "tiny", "hf", 0.6, 0.9, 14)
+    engine = create_engine("hf", run.folder / "final")
+    try:
+        summary = evaluate_chat(
+            engine, problems, RewardModel(str(resolve_model("tiny-rm"))), seed_answers, max_tokens=14
+        )
+    finally:
+        engine.close()
+    return summary.accuracy, summary.length_normalized_reward
+
+
 def first_reaching(curve: list[tuple[int, float, float]], target: float) -> float | None:
     """Training seconds to the first checkpoint (the seed itself excluded) at or above `target`."""
     return next((seconds for step, seconds, accuracy in curve if step > 0 and accuracy >= target), None)
@@ -181,7 +202,9 @@ def ordering(runs: dict[str, list[Run]]) -> tuple[dict[str, float], list[str]]:
     return acc, notes
 
 
-def report(runs: dict[str, list[Run]], setup: Setup, curves: dict, target: float) -> tuple[str, list[str]]:
+def report(
+    runs: dict[str, list[Run]], setup: Setup, curves: dict, target: float, wins: dict[str, tuple[float, float | None]]
+) -> tuple[str, list[str]]:
     """paper.md's text (table, ordering, accuracy curves, plots) and the ordering notes."""
     reached = {label: first_reaching(curve, target) for label, curve in curves.items()}
     md = table(runs, setup, reached, target)
@@ -197,11 +220,14 @@ def report(runs: dict[str, list[Run]], setup: Setup, curves: dict, target: float
         pair = ["online DPO", "online DPO, no reference sync"]
         title = "online DPO with and without reference sync"
         md += f"\n![reference sync]({plot(runs, pair, 'paper_ref_sync', title).name})\n"
-    if any("RM" in label for label in runs):
+    if wins:
         md += (
-            "\nThe tiny-RM row is the held-out toy-math accuracy of the RM-trained model, not an RM win rate "
-            "(`cadence eval --rm tiny-rm --baseline tiny` measures that; not wired into this bench yet).\n"
+            "\nThe RM rows' accuracy is toy math; what they were trained for is judged here: win rate against the "
+            f"seed's answers on {setup.problems} held-out toy chat prompts, scored by tiny-RM (a tie counts half):\n\n"
         )
+        for label, (win, normalized) in wins.items():
+            shown = "–" if normalized is None else f"{normalized:.3f}"
+            md += f"- {label}: win rate {100 * win:.1f} %, length-normalised reward {shown}\n"
     return md, notes
 
 
@@ -219,11 +245,13 @@ def main() -> None:
     curves = {label: accuracy_curve(runs[label][0], setup) for label, _, _ in setup.regimes}
     target = curves["online DPO"][-1][2] - 0.02
     RESULTS.mkdir(parents=True, exist_ok=True)
-    md, notes = report(runs, setup, curves, target)
+    wins = {label: rm_win_rate(runs[label][0], setup) for label in runs if "RM" in label}
+    md, notes = report(runs, setup, curves, target, wins)
     (RESULTS / "paper.md").write_text(md)
     print(md)
     acc, _ = ordering(runs)
     rows = [row(f"{label}: held-out accuracy", value, None, "ratio") for label, value in acc.items()]
+    rows += [row(f"{label}: tiny-RM win rate vs seed", win, None, "ratio") for label, (win, _) in wins.items()]
     rows.append(row("ordering offline < semi-online ≈ online ≈ GRPO", float(not notes), 1.0, "bool"))
     semi = first_reaching(curves["semi-online DPO (s = 4)"], target)
     online = first_reaching(curves["online DPO"], target)
