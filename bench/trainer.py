@@ -70,7 +70,7 @@ class BareDPO:
         batch = SequenceBatch.from_token_ids(prompts, completions, 0)
         policy = token_stats(self.model, batch).sequence_logps()
         with torch.no_grad():
-            ref = token_stats(self.reference, batch).sequence_logps()
+            ref = token_stats(self.reference, batch, entropy=False).sequence_logps()
         n = len(pairs)
         loss = dpo_loss(policy[:n], policy[n:], ref[:n], ref[n:], self.config.algorithm.beta).loss
         self.optimizer.zero_grad(set_to_none=True)

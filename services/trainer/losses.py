@@ -217,7 +217,11 @@ def grpo_loss(
 
 def token_entropy(logits: torch.Tensor) -> torch.Tensor:
     """Entropy `−Σ p log p` of each position's next-token distribution: [B, T, V] → [B, T]."""
-    logp = torch.log_softmax(logits.float(), dim=-1)
+    return entropy_of(torch.log_softmax(logits.float(), dim=-1))
+
+
+def entropy_of(logp: torch.Tensor) -> torch.Tensor:
+    """`token_entropy` from log-probabilities already computed (saves a second log-softmax over the vocabulary)."""
     return -(logp.exp() * logp).sum(-1)
 
 

@@ -51,10 +51,14 @@ def test_token_logps_match_a_plain_forward_on_completion_tokens_only(dpo_engine:
     assert stats.logps[0, 2].item() == pytest.approx(expected[2, 7].item(), abs=1e-5)  # P(7 | 1 5 6)
     assert stats.logps[0, 3].item() == pytest.approx(expected[3, 2].item(), abs=1e-5)  # P(2 | 1 5 6 7)
     assert stats.mask.tolist() == [[0, 0, 1, 1], [1, 0, 0, 0]]
-    assert (stats.logps[stats.mask == 0] == 0).all() and (stats.entropy[stats.mask == 0] == 0).all()
+    assert (stats.logps[stats.mask == 0] == 0).all()
     assert stats.lengths().tolist() == [2, 1]
+    assert (stats.entropy == 0).all()  # frozen models skip the entropy: only the policy's is watched
+    with torch.no_grad():
+        policy = dpo_engine.policy_stats(batch)
+    assert (policy.entropy[policy.mask == 0] == 0).all()
     # Entropy of a random-init model over a 36-token vocabulary is close to log 36.
-    assert 0.5 * math.log(36) < stats.entropy[0, 2].item() <= math.log(36) + 1e-5
+    assert 0.5 * math.log(36) < policy.entropy[0, 2].item() <= math.log(36) + 1e-5
 
 
 def test_one_dpo_step_lowers_the_loss(dpo_engine: TrainEngine) -> None:
