@@ -66,6 +66,7 @@ class PromptPlan:
             self._admissible(task.name, pool, token_count) for task, pool in zip(config.tasks, problems, strict=True)
         ]
         self.names = [task.name for task in config.tasks]
+        self._orders: dict[tuple[int, int], list[int]] = {}
         self.weights = [task.weight for task in config.tasks]
         sampling = config.sampling
         self.sampling = common_pb2.SamplingParams(
@@ -92,9 +93,20 @@ class PromptPlan:
         """The index-th problem of a task's stream: the pool reshuffled (seeded) every epoch."""
         pool = self.pools[task]
         epoch, offset = divmod(index, len(pool))
-        order = list(range(len(pool)))
-        random.Random(f"{self.config.seed}:{self.names[task]}:{epoch}").shuffle(order)
-        return pool[order[offset]]
+        return pool[self._order(task, epoch)[offset]]
+
+    def _order(self, task: int, epoch: int) -> list[int]:
+        """One epoch's seeded shuffle of a task's pool, kept while it is in use: a step draws a whole batch
+        from it, and reshuffling 9,500 toy problems per prompt cost 70 ms per step — on the critical path
+        after every weight sync, when the generator waits for the next block's prompts."""
+        key = (task, epoch)
+        if key not in self._orders:
+            if len(self._orders) >= 2 * len(self.pools):
+                self._orders.clear()
+            order = list(range(len(self.pools[task])))
+            random.Random(f"{self.config.seed}:{self.names[task]}:{epoch}").shuffle(order)
+            self._orders[key] = order
+        return self._orders[key]
 
     def prompts_for(self, step: int) -> list[common_pb2.Prompt]:
         """The `batch_prompts` prompts consumed at `step`, with their cadence tags."""
