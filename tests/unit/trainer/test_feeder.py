@@ -54,6 +54,17 @@ def test_plan_is_a_pure_function_of_seed_and_step() -> None:
     assert len(set(seen)) == 10
 
 
+def test_prompts_do_not_depend_on_which_steps_were_asked_before() -> None:
+    """Epoch shuffles are kept while in use; a plan asked in any order (a restart, a replay) gives the same
+    prompts, across epoch boundaries (10 problems, 4 per step: a new epoch every 2.5 steps)."""
+    config = run_config(sync_every=2, tasks=[{"name": "toy", "limit": 10}])
+    problems = [load_problems(config.tasks[0])]
+    forward, backward = PromptPlan(config, problems, "r"), PromptPlan(config, problems, "r")
+    ids_forward = {t: [p.prompt_id for p in forward.prompts_for(t)] for t in range(12)}
+    ids_backward = {t: [p.prompt_id for p in backward.prompts_for(t)] for t in reversed(range(12))}
+    assert ids_forward == ids_backward
+
+
 def test_mixed_tasks_are_drawn_by_weight_and_tagged_with_their_kind() -> None:
     math = [Problem(f"m{i}", "math", f"What is {i}+0?", str(i)) for i in range(5)]
     chat = [Problem(f"c{i}", "chat", f"Say hi #{i}") for i in range(5)]
