@@ -32,12 +32,11 @@ def free_port(host: str = "127.0.0.1") -> int:
     random, and never twice from one process.
     """
     low, _ = ephemeral_range()
-    if low - LOWEST_PORT < 1_000:  # an unusual kernel setting: the ephemeral range is the only choice
-        return _bind_probe(host, 0)
+    below = low - LOWEST_PORT >= 1_000  # else (an unusual kernel setting) any free port has to do
     with _lock:
         for _ in range(200):
-            port = random.randrange(LOWEST_PORT, low)
-            if port not in _handed_out and _bind_probe(host, port):
+            port = _bind_probe(host, random.randrange(LOWEST_PORT, low) if below else 0)
+            if port and port not in _handed_out:
                 _handed_out.add(port)
                 return port
     raise OSError(f"no free TCP port found on {host} between {LOWEST_PORT} and {low}; free some ports")
