@@ -81,6 +81,9 @@ def _cli(*args: str) -> list[str]:
 class LocalRun:
     """One local run's processes."""
 
+    not_waited_for: tuple[str, ...] = ("redis",)
+    """Services `start` does not wait on a health check for (Redis has no gRPC health service)."""
+
     def __init__(self, plan: RunPlan, model_dir: str, reward_model: str = "") -> None:
         self.plan = plan
         self.model_dir = model_dir
@@ -171,7 +174,7 @@ class LocalRun:
         from cadence.grpc import wait_healthy
 
         deadline = time.monotonic() + timeout
-        for child in [c for c in self.supervisor.children if c.name != "redis"]:
+        for child in [c for c in self.supervisor.children if c.name not in self.not_waited_for]:
             while not (child.name == "trainer" and child.returncode == 0):  # a short run may finish first
                 self.raise_if_failed()
                 try:

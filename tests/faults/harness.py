@@ -22,7 +22,6 @@ import redis
 
 from cadence import streams
 from cadence.config import RunConfig, dump_run_config, parse_run_config
-from cadence.errors import NotReady
 from cadence.launcher import LocalRun, ServiceFailed, make_plan
 from cadence.v1 import common_pb2
 
@@ -88,19 +87,7 @@ class _Local(LocalRun):
     """The launcher's run, but `start` returns once every service except the trainer answers its health check:
     the harness follows the trainer from its first step (a toy step takes a fraction of a second)."""
 
-    def _wait_healthy(self, timeout: float = 600.0) -> None:
-        from cadence.grpc import wait_healthy
-
-        deadline = time.monotonic() + timeout
-        for child in self.supervisor.children:
-            while child.name not in ("redis", "trainer"):
-                self.raise_if_failed()
-                try:
-                    wait_healthy(f"127.0.0.1:{self._port_of(child.name)}", timeout=2.0)
-                    break
-                except NotReady:
-                    if time.monotonic() > deadline:
-                        raise
+    not_waited_for = ("redis", "trainer")
 
 
 class FaultRun:
@@ -219,7 +206,13 @@ def audit(run: FaultRun) -> dict[str, Any]:
     messages = run.stream_messages()
     prompt_ids = [p.prompt_id for p in messages["prompts"]]
     expected = sorted(pid for row in ledger for pid in row["prompt_ids"])
-    assert sorted(prompt_ids) == expected, "the feeder enqueued a prompt twice or one the trainer never used"
+    assert sorted(prompt_ids) == expected, (
+        "the feeder enqueued a prompt twice or one the trainer never used: "
+        f"enqueued twice {[p for p, n in Counter(prompt_ids).items() if n > 1]}, "
+        f"trained twice {[p for p, n in Counter(expected).items() if n > 1]}, "
+        f"never trained {sorted(set(prompt_ids) - set(expected))}, "
+        f"never enqueued {sorted(set(expected) - set(prompt_ids))}"
+    )
     for kind, ids in (
         ("rollouts", [r.prompt.prompt_id for r in messages["rollouts"]]),
         ("scored", [s.rollout.prompt.prompt_id for s in messages["scored"]]),
