@@ -14,23 +14,26 @@ from harness import Fault, audit, start_run
 
 from cadence.launcher import ServiceFailed
 
+# Mid-stage moments are caught by polling, so their runs are longer: with 16 steps of ~0.2 s a run can end
+# while `start` still waits for the last health check, and the moment never comes.
+LONGER = {"steps": 48}
 FAST = [
-    Fault("inference0", "mid-generation"),
+    Fault("inference0", "mid-generation", overrides=LONGER),
     Fault("trainer", "step2", overrides={"checkpoint_every": 2}),
     Fault("redis", "step2"),
 ]
 SLOW = [
     Fault("inference0", "step1"),
     Fault("inference0", "step4", overrides={"sync_every": 2}),
-    Fault("reward", "mid-scoring"),
+    Fault("reward", "mid-scoring", overrides=LONGER),
     Fault("reward", "step4"),
     Fault("broker", "step1"),
     Fault("broker", "step4", overrides={"sync_every": 2}),
     Fault("broker", "step2", action="freeze", down_seconds=5.0),
     Fault("trainer", "step1"),
     Fault("trainer", "step6", overrides={"checkpoint_every": 3, "sync_every": 2}),
-    Fault("redis", "mid-generation"),
-    Fault("redis", "mid-scoring"),
+    Fault("redis", "mid-generation", overrides=LONGER),
+    Fault("redis", "mid-scoring", overrides=LONGER),
     Fault("redis", "step8", down_seconds=3.0),
 ]
 
