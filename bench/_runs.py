@@ -41,7 +41,7 @@ def cadence_run(name: str, config: str, overrides: list[str], timeout: float = 9
     """`cadence run configs/<config>.yaml --set ...` as run `name`; raises when it fails."""
     RUNS.mkdir(parents=True, exist_ok=True)
     run_id = f"{name}-{os.getpid()}-{int(time.time() * 1000) % 10**8}"
-    args = [sys.executable, "-m", "cadence.cli", "run", str(ROOT / "configs" / f"{config}.yaml")]
+    args = [sys.executable, "-m", "cadence.app.cli", "run", str(ROOT / "configs" / f"{config}.yaml")]
     args += ["--runs-dir", str(RUNS), "--engine", "hf", "--set", f"run_id={run_id}"]
     for override in overrides:
         args += ["--set", override]

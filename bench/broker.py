@@ -51,7 +51,7 @@ SMOLLM2 = {"vocab": 49152, "hidden": 576, "intermediate": 1536, "layers": 30, "k
 
 def start_broker() -> tuple[subprocess.Popen[bytes], str]:
     port = free_port()
-    args = [sys.executable, "-m", "cadence.cli", "serve", "broker", "--host", "127.0.0.1", "--grpc-port", str(port)]
+    args = [sys.executable, "-m", "cadence.app.cli", "serve", "broker", "--host", "127.0.0.1", "--grpc-port", str(port)]
     env = {**os.environ, "CADENCE_LOG_LEVEL": "WARNING", "CADENCE_MAX_BYTES": str(8 << 30)}
     proc = subprocess.Popen([*args, "--store", "memory", "--retain", "2"], env=env)
     target = f"127.0.0.1:{port}"

@@ -79,7 +79,7 @@ def accuracy_curve(run: Run, setup: Setup) -> list[tuple[int, float, float]]:
     """(step, wall-clock seconds of training up to it, held-out accuracy) at the seed, each checkpoint and the end."""
     import torch
 
-    from cadence.evaluation import evaluate_math, load_eval_problems
+    from cadence.app.evaluation import evaluate_math, load_eval_problems
     from cadence.inference.engine import create_engine
 
     times = [0.0]
@@ -108,7 +108,7 @@ def rm_win_rate(run: Run, setup: Setup) -> tuple[float, float | None]:
     """(win rate, length-normalised reward) of the run's final model against the seed's answers on held-out
     toy chat prompts, judged by tiny-RM — the reward model it trained on (so reward hacking shows as a high
     win rate with a falling math accuracy)."""
-    from cadence.evaluation import baseline_answers, evaluate_chat, load_eval_problems
+    from cadence.app.evaluation import baseline_answers, evaluate_chat, load_eval_problems
     from cadence.inference.engine import create_engine
     from cadence.models import resolve_model
     from cadence.reward.reward_model import RewardModel

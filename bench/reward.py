@@ -75,7 +75,7 @@ def start_service(processes: int, reward_model: str = "") -> tuple[subprocess.Po
     }
     args = ["serve", "reward", "--host", "127.0.0.1", "--http-port", str(port), "--grpc-port", str(free_port())]
     args += ["--no-worker", *(["--reward-model", reward_model] if reward_model else [])]
-    proc = subprocess.Popen([sys.executable, "-m", "cadence.cli", *args], env=env)
+    proc = subprocess.Popen([sys.executable, "-m", "cadence.app.cli", *args], env=env)
     base = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:

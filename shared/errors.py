@@ -6,6 +6,9 @@ codes, so handlers never set codes themselves.
 
 from __future__ import annotations
 
+import sys
+from collections.abc import Callable
+
 
 class CadenceError(Exception):
     """Base class. `grpc_code` and `http_status` say how transports report it."""
@@ -96,3 +99,12 @@ class CadenceRuleViolation(CadenceError):
 
     grpc_code = "FAILED_PRECONDITION"
     http_status = 409
+
+
+def exit_on_error(main: Callable[[], object]) -> None:
+    """Run a console entry point: a typed error prints its message (which says the fix) and exits 2."""
+    try:
+        main()
+    except CadenceError as error:
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(2)

@@ -6,12 +6,16 @@ that is missing fails at start-up with the variable's name.
 
 from __future__ import annotations
 
+import argparse
+from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any, TypeVar
 
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 DEFAULT_PORTS = {"inference": 50051, "reward": 50052, "broker": 50053, "trainer": 50054}
+Settings = TypeVar("Settings", bound="CommonSettings")
 
 
 class CommonSettings(BaseSettings):
@@ -163,3 +167,16 @@ class TrainerSettings(ServiceSettings):
 def default_port(service: str) -> int:
     """The default gRPC port of a service (DESIGN.md §4)."""
     return DEFAULT_PORTS[service]
+
+
+def with_flags(cls: type[Settings], flags: Mapping[str, Any]) -> Settings:
+    """Settings from the environment, overridden by the flags that were given (`None`: not given)."""
+    return cls(**{key: value for key, value in flags.items() if value is not None})
+
+
+def from_argv(cls: type[Settings], argv: Sequence[str], prog: str) -> Settings:
+    """`with_flags` for a bare entry point (a torchrun rank): any field as `--field-name VALUE`."""
+    parser = argparse.ArgumentParser(prog=prog, description=cls.__doc__)
+    for name in cls.model_fields:
+        parser.add_argument(f"--{name.replace('_', '-')}", dest=name)
+    return with_flags(cls, vars(parser.parse_args(argv)))

@@ -16,9 +16,9 @@ import sys
 from typing import Any
 
 from cadence.config import RunConfig, dump_run_config, load_run_config
-from cadence.errors import ConfigError
+from cadence.errors import ConfigError, exit_on_error
 from cadence.logging import get_logger, setup_logging
-from cadence.settings import TrainerSettings, default_port
+from cadence.settings import TrainerSettings, default_port, from_argv
 
 log = get_logger(__name__)
 
@@ -106,8 +106,5 @@ def _serve_main(settings: TrainerSettings, config: RunConfig, run_id: str, engin
 
 
 if __name__ == "__main__":  # the per-rank entry point of torchrun / the deepspeed launcher
-    from cadence.cli import main
-
-    sys.argv = ["cadence", "serve", "trainer", *sys.argv[1:]]
     os.environ.setdefault("OMP_NUM_THREADS", "1")
-    main()
+    exit_on_error(lambda: serve(from_argv(TrainerSettings, sys.argv[1:], prog="cadence.trainer.main")))

@@ -10,16 +10,16 @@ import sys
 import time
 from pathlib import Path
 
+from cadence.app.supervisor import Supervisor
 from cadence.grpc import wait_healthy
 from cadence.net import free_port
-from cadence.supervisor import Supervisor
 
 REPO = Path(__file__).resolve().parents[2]
 SMALL = ["steps=3", "batch_prompts=4", "sampling.n=4", "sync_every=1"]
 
 
 def cli(*args: object) -> list[str]:
-    return [sys.executable, "-m", "cadence.cli", *map(str, args)]
+    return [sys.executable, "-m", "cadence.app.cli", *map(str, args)]
 
 
 def submit(run_id: str, redis_url: str) -> None:

@@ -29,7 +29,7 @@ SMALL = ["steps=4", "batch_prompts=4", "sampling.n=4", "eval.max_problems=20", "
 
 
 def run_cadence(config: str, overrides: list[str], runs_dir: Path) -> tuple[subprocess.CompletedProcess, Path]:
-    args = [sys.executable, "-m", "cadence.cli", "run", str(REPO / "configs" / config), "--runs-dir", str(runs_dir)]
+    args = [sys.executable, "-m", "cadence.app.cli", "run", str(REPO / "configs" / config), "--runs-dir", str(runs_dir)]
     for override in [*SMALL, *overrides]:
         args += ["--set", override]
     result = subprocess.run(args, capture_output=True, text=True, timeout=600, check=False)

@@ -21,8 +21,8 @@ from typing import Any
 import redis
 
 from cadence import streams
+from cadence.app.launcher import LocalRun, ServiceFailed, make_plan
 from cadence.config import RunConfig, dump_run_config, parse_run_config
-from cadence.launcher import LocalRun, ServiceFailed, make_plan
 from cadence.v1 import common_pb2
 
 RECLAIM_IDLE_MS = 3000

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from harness import Fault, audit, start_run
 
-from cadence.launcher import ServiceFailed
+from cadence.app.launcher import ServiceFailed
 
 # Mid-stage moments are caught by polling, so their runs are longer: with 16 steps of ~0.2 s a run can end
 # while `start` still waits for the last health check, and the moment never comes.

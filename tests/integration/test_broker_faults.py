@@ -92,7 +92,7 @@ class BrokerProcess:
         self.port, self.metrics_port = free_port(), free_port()
         self.target = f"127.0.0.1:{self.port}"
         env = {**os.environ, "CADENCE_METRICS_PORT": str(self.metrics_port), "CADENCE_GRACE_SECONDS": "3"}
-        args = [sys.executable, "-m", "cadence.cli", "serve", "broker", "--host", "127.0.0.1"]
+        args = [sys.executable, "-m", "cadence.app.cli", "serve", "broker", "--host", "127.0.0.1"]
         args += ["--grpc-port", str(self.port), "--store", store, "--retain", "2"]
         self.proc = subprocess.Popen(args, env=env)
         wait_healthy(self.target, timeout=30)

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from cadence.evaluation import evaluate_chat, evaluate_math, load_eval_problems
+from cadence.app.evaluation import evaluate_chat, evaluate_math, load_eval_problems
 from cadence.inference.engine import create_engine
 
 
@@ -50,9 +50,10 @@ def test_reward_model_win_rate_orders_baselines(engine) -> None:
     assert versus_junk.length_normalized_reward is not None
 
 
+@pytest.mark.needs_data("arena_hard")
 def test_baseline_answers_come_from_references_or_a_model(tiny_model_dir: Path) -> None:
+    from cadence.app.evaluation import baseline_answers
     from cadence.errors import ConfigError
-    from cadence.evaluation import baseline_answers
 
     problems = load_eval_problems("toy", "test", limit=5, kind="chat")
     assert baseline_answers(problems, None, "hf", 0.0, 1.0, 14) == [p.reference for p in problems]

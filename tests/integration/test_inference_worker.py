@@ -196,7 +196,7 @@ def serve_worker(model_dir: Path, redis_url: str, broker: str, name: str) -> sub
         "CADENCE_RECLAIM_IDLE_MS": "1500",
         "CADENCE_GRACE_SECONDS": "10",
     }
-    args = [sys.executable, "-m", "cadence.cli", "serve", "inference", "--engine", "hf", "--model", str(model_dir)]
+    args = [sys.executable, "-m", "cadence.app.cli", "serve", "inference", "--engine", "hf", "--model", str(model_dir)]
     args += ["--host", "127.0.0.1", "--grpc-port", str(free_port()), "--redis-url", redis_url, "--broker-addr", broker]
     return subprocess.Popen(args, env=env)
 

@@ -41,7 +41,7 @@ def service_url() -> Iterator[str]:
         "CADENCE_MAX_INFLIGHT_ITEMS": str(MAX_INFLIGHT_ITEMS),
         "CADENCE_MAX_INFLIGHT_REQUESTS": str(MAX_INFLIGHT_REQUESTS),
     }
-    proc = subprocess.Popen([sys.executable, "-m", "cadence.cli", *args], env=env)
+    proc = subprocess.Popen([sys.executable, "-m", "cadence.app.cli", *args], env=env)
     url = f"http://127.0.0.1:{http_port}"
     try:
         deadline = time.monotonic() + 60

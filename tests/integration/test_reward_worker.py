@@ -145,7 +145,7 @@ def start_serve(url: str, **env: str) -> tuple[subprocess.Popen[bytes], int]:
     args = ["--host", "127.0.0.1", "--http-port", str(http_port), "--grpc-port", str(free_port())]
     args += ["--redis-url", url, "--run-id", RUN, "--worker"]
     environment = {**os.environ, "CADENCE_POOL_PROCESSES": "1", **env}
-    proc = subprocess.Popen([sys.executable, "-m", "cadence.cli", "serve", "reward", *args], env=environment)
+    proc = subprocess.Popen([sys.executable, "-m", "cadence.app.cli", "serve", "reward", *args], env=environment)
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
         try:

@@ -33,7 +33,7 @@ def test_api_keys_never_appear_in_logs_or_metrics(tmp_path: Path) -> None:
     }
     log_path = tmp_path / "reward.log"
     with log_path.open("wb") as log:
-        proc = subprocess.Popen([sys.executable, "-m", "cadence.cli", *args], env=env, stdout=log, stderr=log)
+        proc = subprocess.Popen([sys.executable, "-m", "cadence.app.cli", *args], env=env, stdout=log, stderr=log)
     url = f"http://127.0.0.1:{http_port}"
     try:
         _wait_ready(url, proc)

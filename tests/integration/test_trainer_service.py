@@ -48,7 +48,7 @@ def trainer_process(
     }
     (tmp_path / "run.yaml").write_text(yaml.safe_dump(config))
     port = free_port()
-    args = [sys.executable, "-m", "cadence.cli", "serve", "trainer", "--config", str(tmp_path / "run.yaml")]
+    args = [sys.executable, "-m", "cadence.app.cli", "serve", "trainer", "--config", str(tmp_path / "run.yaml")]
     args += ["--grpc-port", str(port), "--broker-addr", broker_target, "--redis-url", redis_url]
     args += ["--run-dir", str(tmp_path / "run"), "--host", "127.0.0.1"]
     proc = subprocess.Popen(args, env=clean_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)

@@ -1,6 +1,6 @@
 """A loopback HTTP server that answers like the Kubernetes API and records every request.
 
-`cadence.k8s` talks to it through a real `kubernetes.client.ApiClient`, so these tests check the exact
+`cadence.app.k8s` talks to it through a real `kubernetes.client.ApiClient`, so these tests check the exact
 calls (method, path, query, content type, body) and the client's (de)serialisation of real objects.
 The objects it serves are the ones the Helm chart renders, so the code and the chart cannot drift.
 """
@@ -148,7 +148,7 @@ def api() -> Iterator[FakeApiServer]:
 def clients(api: FakeApiServer) -> Any:
     from kubernetes import client
 
-    from cadence.k8s import Clients
+    from cadence.app.k8s import Clients
 
     configuration = client.Configuration(host=api.url)
     configuration.retries = 0

@@ -12,7 +12,7 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from cadence import k8s, k8s_status
+from cadence.app import k8s, k8s_status
 from cadence.config import parse_run_config
 from cadence.errors import Conflict, InvalidRequest, NotFound, NotReady, PermissionDenied
 
@@ -274,7 +274,7 @@ def test_cli_uses_the_kubeconfig(api, tmp_path: Path, render, serve_release) -> 
         )
     )
     env = {**os.environ, "KUBECONFIG": str(kubeconfig)}
-    cli = [sys.executable, "-m", "cadence.cli", "k8s"]
+    cli = [sys.executable, "-m", "cadence.app.cli", "k8s"]
     done = subprocess.run([*cli, "status", "toy-dpo"], env=env, capture_output=True, text=True, timeout=60, cwd=REPO)
     assert done.returncode == 0, done.stderr
     assert "run toy-dpo on release rel (namespace cadence): running" in done.stdout

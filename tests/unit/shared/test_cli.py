@@ -9,7 +9,7 @@ def test_help_imports_nothing_heavy() -> None:
     script = (
         "import sys\n"
         "from typer.testing import CliRunner\n"
-        "from cadence.cli import app\n"
+        "from cadence.app.cli import app\n"
         "for args in (['--help'], ['serve', '--help'], ['serve', 'broker', '--help'], ['seed-model', '--help']):\n"
         "    result = CliRunner().invoke(app, args)\n"
         "    assert result.exit_code == 0, result.output\n"

@@ -3,7 +3,7 @@
 import re
 from pathlib import Path
 
-from cadence import protogen
+from cadence.app import protogen
 
 
 def test_committed_stubs_match_a_fresh_generation(tmp_path: Path) -> None:

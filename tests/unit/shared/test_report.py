@@ -3,7 +3,7 @@
 import json
 from pathlib import Path
 
-from cadence.report import write_report
+from cadence.app.report import write_report
 
 
 def test_report_from_files(tmp_path: Path) -> None:

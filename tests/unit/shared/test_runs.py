@@ -32,7 +32,7 @@ def test_cli_attach_submits_to_the_fleet(redis_url: str) -> None:
 
     from typer.testing import CliRunner
 
-    from cadence.cli import app
+    from cadence.app.cli import app
 
     config = Path(__file__).resolve().parents[3] / "configs" / "toy-online-dpo.yaml"
     result = CliRunner().invoke(app, ["run", str(config), "--attach"], env={"CADENCE_REDIS_URL": redis_url})
@@ -46,7 +46,7 @@ def test_cli_attach_without_redis_url_says_what_to_set() -> None:
 
     from typer.testing import CliRunner
 
-    from cadence.cli import app
+    from cadence.app.cli import app
     from cadence.errors import ConfigError
 
     config = Path(__file__).resolve().parents[3] / "configs" / "toy-online-dpo.yaml"

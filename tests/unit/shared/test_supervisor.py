@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from cadence.supervisor import Supervisor
+from cadence.app.supervisor import Supervisor
 
 SCRIPT = "import os, sys, time; print(os.environ['MARK'], sys.argv[1], os.getpid(), flush=True); time.sleep(60)"
 
@@ -53,7 +53,7 @@ def test_children_do_not_inherit_distributed_rendezvous_variables(tmp_path, monk
     """An in-process trainer sets MASTER_PORT & co.; a child trainer inheriting them would bind that port."""
     import sys
 
-    from cadence.supervisor import Supervisor
+    from cadence.app.supervisor import Supervisor
 
     monkeypatch.setenv("MASTER_PORT", "29500")
     monkeypatch.setenv("RANK", "3")

@@ -1,4 +1,4 @@
-"""`cadence k8s submit`: point a release of the Helm chart at a new run (status, logs, stop: `cadence.k8s_status`).
+"""`cadence k8s submit`: point a release of the Helm chart at a new run (status, logs, stop: `cadence.app.k8s_status`).
 
 How a submit works (charts/cadence/README.md, "Submitting runs"): the config is validated locally,
 stored in a ConfigMap `<fullname>-run-<run>` (labelled `cadence.dev/run-config`, annotated with the

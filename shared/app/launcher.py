@@ -16,10 +16,10 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from cadence.app.supervisor import Child, Supervisor
 from cadence.config import RunConfig, dump_run_config
 from cadence.errors import CadenceError, NotReady
 from cadence.net import free_port
-from cadence.supervisor import Child, Supervisor
 
 SERVICES = ("broker", "reward", "inference", "trainer")
 
@@ -75,7 +75,7 @@ def describe(plan: RunPlan) -> str:
 
 
 def _cli(*args: str) -> list[str]:
-    return [sys.executable, "-m", "cadence.cli", *map(str, args)]
+    return [sys.executable, "-m", "cadence.app.cli", *map(str, args)]
 
 
 class LocalRun:
@@ -232,7 +232,7 @@ def evaluate_model(plan: RunPlan, model_dir: str, out_name: str) -> dict:
     """Evaluate `model_dir` on the run's eval set; write `<out_name>.json` and its per-problem JSONL."""
     from transformers.utils import logging as hf_logging
 
-    from cadence.evaluation import evaluate_math, load_eval_problems
+    from cadence.app.evaluation import evaluate_math, load_eval_problems
     from cadence.inference.engine import create_engine
 
     hf_logging.disable_progress_bar()  # the launcher draws its own progress
@@ -260,7 +260,7 @@ def evaluate_model(plan: RunPlan, model_dir: str, out_name: str) -> dict:
 
 def follow(run: LocalRun, console, poll_seconds: float = 0.5) -> None:
     """Show progress until the trainer exits; raise `ServiceFailed` if any service dies first."""
-    from cadence.progress import RunView
+    from cadence.app.progress import RunView
 
     metrics_path = run.plan.run_dir / "metrics.jsonl"
     offset = 0
@@ -317,7 +317,7 @@ def run_local(plan: RunPlan, console, keep: bool = False) -> int:
         console.print("[bold]evaluating the trained model…")
         after = evaluate_model(plan, str(final_dir), "eval_after")
         console.print(_before_after_table(before, after))
-    from cadence.report import write_report
+    from cadence.app.report import write_report
 
     console.print(f"report: {write_report(plan.run_dir)}")
     return code

@@ -7,13 +7,12 @@ service), so `cadence --help` and config errors are instant. Flags override `CAD
 from __future__ import annotations
 
 import importlib
-import sys
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 
-from cadence.errors import CadenceError
+from cadence.errors import exit_on_error
 
 app = typer.Typer(
     name="cadence",
@@ -39,9 +38,10 @@ RunId = Annotated[str | None, typer.Option(help="Run whose streams to serve [env
 
 def _settings(cls_path: str, **flags: Any) -> Any:
     """Build a settings object: environment first, then the flags that were given."""
+    from cadence.settings import with_flags
+
     module_name, _, cls_name = cls_path.rpartition(".")
-    cls = getattr(importlib.import_module(module_name), cls_name)
-    return cls(**{key: value for key, value in flags.items() if value is not None})
+    return with_flags(getattr(importlib.import_module(module_name), cls_name), flags)
 
 
 def _launch(module: str, settings: Any) -> None:
@@ -201,8 +201,8 @@ def run(
     Everything lands in runs/<run_id>/: logs/<service>.log, metrics.jsonl, ledger.jsonl, eval_*.json,
     final/ (the trained model), plots/ and report.md.
     """
+    from cadence.app.launcher import describe, make_plan
     from cadence.config import load_run_config
-    from cadence.launcher import describe, make_plan
     from cadence.settings import ServiceSettings
 
     parsed = load_run_config(config, override or [])
@@ -217,7 +217,7 @@ def run(
         return
     from rich.console import Console
 
-    from cadence.launcher import run_local
+    from cadence.app.launcher import run_local
 
     raise typer.Exit(run_local(plan, Console(), keep=keep))
 
@@ -260,7 +260,7 @@ def evaluate(
 
     from transformers.utils import logging as hf_logging
 
-    from cadence.evaluation import evaluate_math, load_eval_problems
+    from cadence.app.evaluation import evaluate_math, load_eval_problems
     from cadence.inference.engine import create_engine
     from cadence.models import resolve_model
 
@@ -271,7 +271,7 @@ def evaluate(
     eng = create_engine(engine, model_dir)
     try:
         if rm:
-            from cadence.evaluation import baseline_answers, evaluate_chat
+            from cadence.app.evaluation import baseline_answers, evaluate_chat
             from cadence.reward.reward_model import RewardModel
 
             answers = baseline_answers(problems, baseline, engine, temperature, top_p, max_tokens)
@@ -307,7 +307,7 @@ def evaluate(
 @app.command("report")
 def report(run_dir: Annotated[Path, typer.Argument(help="A run folder (runs/<run_id>).")]) -> None:
     """Regenerate runs/<run_id>/report.md and its plots from the run's files."""
-    from cadence.report import write_report
+    from cadence.app.report import write_report
 
     typer.echo(write_report(run_dir))
 
@@ -328,7 +328,7 @@ def k8s_submit(
     replace: Annotated[bool, typer.Option(help="Replace a running run or a run id already submitted.")] = False,
 ) -> None:
     """Store the run config in a ConfigMap and point the release's trainer and workers at it."""
-    from cadence import k8s
+    from cadence.app import k8s
     from cadence.config import load_run_config
 
     run_config = load_run_config(config)  # config errors before any cluster call
@@ -344,8 +344,8 @@ def k8s_status(
     run: str, namespace: K8sNamespace = None, release: K8sRelease = None, context: K8sContext = None
 ) -> None:
     """The run's state and the release's pods."""
-    from cadence import k8s
-    from cadence.k8s_status import status
+    from cadence.app import k8s
+    from cadence.app.k8s_status import status
 
     clients = k8s.connect(context)
     typer.echo(status(clients, run, namespace or clients.namespace, release).render())
@@ -362,8 +362,8 @@ def k8s_logs(
     context: K8sContext = None,
 ) -> None:
     """Logs of the service's pods working on the run."""
-    from cadence import k8s
-    from cadence.k8s_status import logs
+    from cadence.app import k8s
+    from cadence.app.k8s_status import logs
 
     clients = k8s.connect(context)
     for line in logs(clients, run, namespace or clients.namespace, release, service, tail, follow):
@@ -373,8 +373,8 @@ def k8s_logs(
 @k8s_app.command("stop")
 def k8s_stop(run: str, namespace: K8sNamespace = None, release: K8sRelease = None, context: K8sContext = None) -> None:
     """Scale the run's trainer to zero: it checkpoints and exits; inference and reward stay up."""
-    from cadence import k8s
-    from cadence.k8s_status import stop
+    from cadence.app import k8s
+    from cadence.app.k8s_status import stop
 
     clients = k8s.connect(context)
     name = stop(clients, run, namespace or clients.namespace, release)
@@ -383,11 +383,7 @@ def k8s_stop(run: str, namespace: K8sNamespace = None, release: K8sRelease = Non
 
 def main() -> None:
     """Console entry point: typed errors print their message (which says the fix) and exit 2."""
-    try:
-        app()
-    except CadenceError as error:
-        typer.secho(f"error: {error}", fg=typer.colors.RED, err=True)
-        sys.exit(2)
+    exit_on_error(app)
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""`cadence k8s status|logs|stop`: inspect and stop a run submitted to a release (`cadence.k8s`).
+"""`cadence k8s status|logs|stop`: inspect and stop a run submitted to a release (`cadence.app.k8s`).
 
 `stop` scales the trainer to zero (it checkpoints on SIGTERM); inference and reward stay up.
 """
@@ -9,8 +9,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from cadence.errors import Conflict, InvalidRequest
-from cadence.k8s import (
+from cadence.app.k8s import (
     MERGE_PATCH,
     RUN_ID,
     RUN_STATE,
@@ -21,6 +20,7 @@ from cadence.k8s import (
     find_release,
     find_run_configmap,
 )
+from cadence.errors import Conflict, InvalidRequest
 
 SERVICES = ("trainer", "inference", "reward", "broker", "redis")
 

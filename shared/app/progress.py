@@ -10,7 +10,7 @@ from rich.live import Live
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.text import Text
 
-from cadence.supervisor import Child
+from cadence.app.supervisor import Child
 
 
 def _fmt(value: object, spec: str) -> str:
