@@ -11,7 +11,6 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 
@@ -25,7 +24,6 @@ from cadence.reward.verifier import (
     wrap_reference,
 )
 
-MATH500 = Path("/work/shared/data/math500.jsonl")
 PATHOLOGICAL = {
     "100 KB of text": "x" * 100_000,
     "10,000 nested braces": "{" * 10_000 + "}" * 10_000,
@@ -48,9 +46,12 @@ def verifier() -> Iterator[MathVerifier]:
 
 
 def math500() -> list[dict]:
-    if not MATH500.is_file():
-        pytest.skip(f"{MATH500} is missing")
-    return [json.loads(line) for line in MATH500.read_text().splitlines() if line.strip()]
+    from cadence.tasks.benchmarks import benchmark_file
+
+    path = benchmark_file("math500")
+    if path is None:
+        pytest.skip("math500.jsonl is not in CADENCE_DATA_DIR or ../shared/data")
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
 def test_last_boxed_takes_the_last_complete_box_with_nested_braces() -> None:

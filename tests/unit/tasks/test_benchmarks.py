@@ -9,13 +9,21 @@ import pytest
 from cadence.config import TaskConfig
 from cadence.errors import ConfigError
 from cadence.tasks import MATH_INSTRUCTION, load_problems
-from cadence.tasks.benchmarks import default_data_dir
+from cadence.tasks.benchmarks import checkout_data_dir, default_data_dir
 
 
-def test_default_data_dir_is_beside_the_checkout() -> None:
+def test_default_data_dir_is_beside_the_checkout(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("CADENCE_DATA_DIR", raising=False)
+    assert default_data_dir() == checkout_data_dir()
+    assert checkout_data_dir().parts[-2:] == ("shared", "data")
+
+
+@pytest.mark.needs_data("math500")
+def test_the_checkout_data_dir_holds_math500() -> None:
     assert (default_data_dir() / "math500.jsonl").is_file()
 
 
+@pytest.mark.needs_data("math500")
 def test_math500_has_500_problems_with_references() -> None:
     problems = load_problems(TaskConfig(name="m", dataset="math500"))
     assert len(problems) == 500
@@ -27,6 +35,7 @@ def test_math500_has_500_problems_with_references() -> None:
     assert first.text.startswith("Convert the point $(0,3)$")
 
 
+@pytest.mark.needs_data("amc23")
 def test_amc23_has_40_problems_with_string_answers() -> None:
     problems = load_problems(TaskConfig(name="a", dataset="amc23"))
     assert len(problems) == 40
@@ -34,11 +43,13 @@ def test_amc23_has_40_problems_with_string_answers() -> None:
     assert all("\\boxed{}" in p.text for p in problems)
 
 
+@pytest.mark.needs_data("arena_hard")
 def test_chat_prompt_files_are_chat_tasks() -> None:
     problems = load_problems(TaskConfig(name="c", kind="chat", dataset="arena_hard", limit=5))
     assert len(problems) == 5 and all(p.kind == "chat" and p.reference is None for p in problems)
 
 
+@pytest.mark.needs_data("math500")
 def test_kind_mismatch_says_which_kind_to_use() -> None:
     with pytest.raises(ConfigError, match="set kind: math"):
         load_problems(TaskConfig(name="m", kind="chat", dataset="math500"))
@@ -56,3 +67,16 @@ def test_data_dir_from_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Pa
 def test_unknown_dataset_names_the_valid_choices() -> None:
     with pytest.raises(ConfigError, match="toy, math500, amc23"):
         load_problems(TaskConfig(name="x", dataset="math-500"))
+
+
+def test_without_any_data_folder_the_public_dataset_is_tried_and_the_error_says_how_to_fix(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """A clone with no ../shared: the loader falls back to the hub id and, offline, names both remedies."""
+    import cadence.tasks.benchmarks as benchmarks
+
+    monkeypatch.delenv("CADENCE_DATA_DIR", raising=False)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(benchmarks, "checkout_data_dir", lambda: tmp_path / "absent")
+    with pytest.raises(ConfigError, match=r"HuggingFaceH4/MATH-500.*set CADENCE_DATA_DIR"):
+        load_problems(TaskConfig(name="m", dataset="math500"))
