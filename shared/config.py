@@ -1,8 +1,9 @@
 """The run config: one YAML file, validated by pydantic, that says what a run trains and how.
 
 The cadence is a field (`sync_every`), not a code path: `null` is offline DPO, `1` online, `s > 1`
-semi-online. Errors name the field path and the fix. This module imports no torch, so `--dry-run`
-and `--help` stay instant.
+semi-online; what the cadence fields mean step by step is `cadence.trainer.schedule`, the rule's one
+home (this module only validates them). Errors name the field path and the fix. This module imports
+no torch, so `--dry-run` and `--help` stay instant.
 """
 
 from __future__ import annotations
@@ -188,8 +189,7 @@ class RunConfig(_Strict):
 
     @model_validator(mode="after")
     def _grpo_needs_groups(self) -> RunConfig:
-        uses_grpo = isinstance(self.algorithm, GRPOConfig) or self.algorithm.grpo_coef > 0
-        if uses_grpo and self.sampling.n < 2:
+        if self.uses_grpo and self.sampling.n < 2:
             raise ValueError("GRPO needs sampling.n >= 2 samples per prompt to form a group")
         if isinstance(self.algorithm, DPOConfig) and self.sampling.n < 2:
             raise ValueError("DPO needs sampling.n >= 2 samples per prompt to form a pair")
@@ -203,17 +203,10 @@ class RunConfig(_Strict):
     def task_kinds(self) -> set[str]:
         return {task.kind for task in self.tasks}
 
-    def resolved_ref_sync_every(self) -> int | None:
-        """`auto` → s when every task is verifiable, else a fixed seed reference (the paper's choices)."""
-        if self.ref_sync_every != "auto":
-            return self.ref_sync_every  # type: ignore[return-value]
-        return self.sync_every if self.task_kinds == {"math"} else None
-
-    def min_version(self, step: int) -> int:
-        """The cadence rule: samples consumed at step t come from version s·⌊t/s⌋ (0 when offline)."""
-        if self.sync_every is None:
-            return 0
-        return self.sync_every * (step // self.sync_every)
+    @property
+    def uses_grpo(self) -> bool:
+        """Whether the loss has a GRPO part (GRPO, or DPO with `grpo_coef` > 0)."""
+        return isinstance(self.algorithm, GRPOConfig) or self.algorithm.grpo_coef > 0
 
 
 def _format_errors(error: ValidationError, source: str) -> str:

@@ -20,12 +20,13 @@ from typing import Any
 
 import torch
 
-from cadence.config import DPOConfig, RunConfig
+from cadence.config import RunConfig
 from cadence.errors import ConfigError
 from cadence.logging import get_logger
 from cadence.net import free_port
 from cadence.paths import cadence_home
 from cadence.trainer.losses import entropy_of
+from cadence.trainer.schedule import Schedule
 
 try:
     import deepspeed
@@ -58,13 +59,6 @@ def _skip_shm_op() -> None:
         from deepspeed import ops
 
         ops.__compatible_ops__["deepspeed_shm_comm"] = False
-
-
-def needs_old_policy(config: RunConfig) -> bool:
-    """GRPO's π_old is the snapshot of the last weight sync; it needs its own copy only when the reference
-    is synced on a different schedule (otherwise the reference *is* that snapshot)."""
-    uses_grpo = not isinstance(config.algorithm, DPOConfig) or config.algorithm.grpo_coef > 0
-    return uses_grpo and config.resolved_ref_sync_every() != config.sync_every
 
 
 def deepspeed_config(config: RunConfig, bf16: bool) -> dict[str, Any]:
@@ -167,7 +161,7 @@ class TrainEngine:
     def __init__(self, model_dir: Path | str, config: RunConfig) -> None:
         from transformers import AutoModelForCausalLM
 
-        self.config = config
+        self.config, self.schedule = config, Schedule.of(config)
         self.world_size = ensure_dist_env()
         self.rank = int(os.environ["RANK"])
         cuda = torch.cuda.is_available()
@@ -176,7 +170,7 @@ class TrainEngine:
         model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
         self.pad_token_id = int(model.config.pad_token_id or 0)
         self.reference = _frozen(copy.deepcopy(model), dtype)
-        self.old_policy = _frozen(copy.deepcopy(model), dtype) if needs_old_policy(config) else None
+        self.old_policy = _frozen(copy.deepcopy(model), dtype) if self.schedule.needs_old_policy else None
         self._init_optimizer_and_engine(model, bf16)
         self.reference.to(self.device)
         if self.old_policy is not None:

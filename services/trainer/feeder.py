@@ -1,9 +1,9 @@
-"""The feeder: dataset → `prompts` stream under the cadence rule (DESIGN.md §2).
+"""The feeder: dataset → `prompts` stream under the cadence rule (DESIGN.md §2, `schedule.py`).
 
-Each prompt is tagged with the step t that will consume it and `min_version = s·⌊t/s⌋` (0 offline).
-Block k (steps k·s … k·s+s−1) is released only once version k·s is published, and never more than
-`max_inflight` steps ahead of the trainer; offline (s = null) enqueues every step at once, all at version 0.
-With `async_lag` = L > 0 a block may start L blocks early: its prompts then carry the lowest version allowed.
+Each prompt is tagged with the step t that will consume it and the schedule's `min_version` of t
+(s·⌊t/s⌋; 0 offline; L blocks lower with `async_lag` L). A step is enqueued when the schedule says it is
+releasable: block k once version k·s is published and never more than `max_inflight` steps ahead of the
+trainer; offline every step at once.
 
 Which problems step t gets is a pure function of (seed, t), so a restarted trainer re-derives the same
 batches; the position (`feeder_next_step`) is stored in the run's meta hash in the same Redis
@@ -20,6 +20,7 @@ from cadence import streams
 from cadence.config import RunConfig
 from cadence.logging import get_logger
 from cadence.tasks import Problem
+from cadence.trainer.schedule import Schedule
 from cadence.v1 import common_pb2
 
 if TYPE_CHECKING:
@@ -27,17 +28,6 @@ if TYPE_CHECKING:
 
 log = get_logger(__name__)
 POSITION_FIELD = "feeder_next_step"
-
-
-def allowed_versions(config: RunConfig, step: int) -> tuple[int, int]:
-    """(lowest, highest) policy version whose samples step `step` may train on.
-
-    The highest is the rule's `s·⌊t/s⌋`; with `async_lag` L the lowest is L blocks earlier (never below 0).
-    """
-    highest = config.min_version(step)
-    if config.sync_every is None:
-        return 0, 0
-    return max(0, highest - config.async_lag * config.sync_every), highest
 
 
 def step_quotas(weights: Sequence[float], batch: int, step: int) -> list[int]:
@@ -62,6 +52,7 @@ class PromptPlan:
         token_count: Callable[[str], int] | None = None,
     ) -> None:
         self.config, self.run_id = config, run_id
+        self.schedule = Schedule.of(config)
         self.pools = [
             self._admissible(task.name, pool, token_count) for task, pool in zip(config.tasks, problems, strict=True)
         ]
@@ -111,14 +102,14 @@ class PromptPlan:
     def prompts_for(self, step: int) -> list[common_pb2.Prompt]:
         """The `batch_prompts` prompts consumed at `step`, with their cadence tags."""
         batch = self.config.batch_prompts
-        lowest, _ = allowed_versions(self.config, step)
+        min_version = self.schedule.min_version(step)
         prompts = []
         for task, quota in enumerate(step_quotas(self.weights, batch, step)):
             per_step = [step_quotas(self.weights, batch, t)[task] for t in range(step)] if quota else []
             first = sum(per_step)
             for j in range(quota):
                 problem = self._problem(task, first + j)
-                prompts.append(self._message(problem, step, lowest, len(prompts)))
+                prompts.append(self._message(problem, step, min_version, len(prompts)))
         return prompts
 
     def _message(self, problem: Problem, step: int, min_version: int, slot: int) -> common_pb2.Prompt:
@@ -140,25 +131,16 @@ class Feeder:
     """Enqueues the plan's prompts as the trainer advances and versions are published."""
 
     def __init__(self, client: redis.Redis, plan: PromptPlan) -> None:
-        self.client, self.plan, self.config = client, plan, plan.config
+        self.client, self.plan, self.schedule = client, plan, plan.schedule
         self.key = streams.stream_key(plan.run_id, "prompts")
         self.meta = streams.meta_key(plan.run_id)
         stored = streams.read_meta(client, plan.run_id).get(POSITION_FIELD)
         self.next_step = int(stored) if stored is not None else 0
 
-    def releasable(self, step: int, trainer_step: int, version: int) -> bool:
-        """May prompts of `step` be enqueued now? (the cadence rule and the in-flight bound)"""
-        if step >= self.config.steps:
-            return False
-        if self.config.offline:
-            return True
-        lowest, _ = allowed_versions(self.config, step)
-        return version >= lowest and step < trainer_step + self.config.max_inflight
-
     def top_up(self, trainer_step: int, version: int) -> int:
         """Enqueue every step that may be released now; returns how many steps were enqueued."""
         released = 0
-        while self.releasable(self.next_step, trainer_step, version):
+        while self.schedule.releasable(self.next_step, trainer_step, version):
             self._enqueue(self.next_step)
             self.next_step += 1
             released += 1

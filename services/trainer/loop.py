@@ -2,7 +2,8 @@
 
 - A step's batch is `batch_prompts` prompts (the paper counts batches in prompts), read from `scored`
   by the intake (`intake.py`: the cadence rule's admission, rejects, duplicates).
-- Weights go to the broker after every s steps (`publishing.py`); the loop does not wait for anyone to fetch them.
+- Weights go to the broker at the schedule's publish points, every s steps (`schedule.py`, `publishing.py`); the
+  reference and GRPO's π_old move at its sync points. The loop does not wait for anyone to fetch the weights.
 - Crash consistency: scored entries are acknowledged only once a checkpoint covering them is written,
   so a restarted trainer re-reads exactly the samples of the steps it lost and replays them; versions the
   broker already holds are never published again; metrics and ledger lines after the checkpoint are cut.
@@ -113,12 +114,12 @@ class TrainLoop:
         if groups is None:
             return False
         waited = time.monotonic() - started
-        sync = self._sync_points(step + 1)
-        plan = StepPlan(step, groups, sync["reference"], sync["old_policy"], gather=sync["publish"])
+        sync = self.engine.schedule.sync_points(step + 1)
+        plan = StepPlan(step, groups, sync.reference, sync.old_policy, gather=sync.publish)
         broadcast_plan(plan, self.engine.world_size)
         metrics, state = execute(self.engine, self.tokenizer, plan, self.run_dir)
         computed = time.monotonic()
-        if sync["publish"]:
+        if sync.publish:
             self._publish(state, step + 1)
         published = time.monotonic()
         self.status.step = step + 1
@@ -126,16 +127,6 @@ class TrainLoop:
         if self.config.checkpoint_every and self.status.step % self.config.checkpoint_every == 0:
             self._checkpoint()
         return True
-
-    def _sync_points(self, done: int) -> dict[str, bool]:
-        """After `done` steps: publish every s; reference every `ref_sync_every`; GRPO's π_old at publishes."""
-        s, ref_every = self.config.sync_every, self.config.resolved_ref_sync_every()
-        publish = s is not None and done % s == 0
-        return {
-            "publish": publish,
-            "reference": ref_every is not None and done % ref_every == 0,
-            "old_policy": publish and self.engine.old_policy is not None,
-        }
 
     def _finish(self) -> None:
         stopped = self.status.step < self.config.steps

@@ -101,7 +101,7 @@ def update(engine: TrainEngine, groups: list[Group], step: int) -> dict[str, flo
         metrics |= {"pairs_kept": len(selection.pairs), "pairs_skipped": selection.skipped_prompts}
         if selection.pairs:
             dpo, stats = _dpo_part(engine, groups, selection.pairs, algo)
-    if isinstance(algo, GRPOConfig) or algo.grpo_coef > 0:
+    if config.uses_grpo:
         grpo, grpo_stats = _grpo_part(engine, groups)
         stats = stats or grpo_stats
     if stats is None:  # DPO and not one prompt with a pair: zero loss, no step (counted in pairs_skipped)
@@ -171,7 +171,7 @@ def _grpo_part(engine: TrainEngine, groups: list[Group]) -> tuple[LossOutput, To
     )
     policy = engine.policy_stats(batch, entropy_grad=config.entropy_coef > 0)
     old, ref = engine.old_policy_stats(batch), engine.reference_stats(batch)
-    behavior = _behavior_logps(mine, policy.mask) if config.async_lag > 0 else None
+    behavior = _behavior_logps(mine, policy.mask) if engine.schedule.off_policy else None
     options = algo if isinstance(algo, GRPOConfig) else GRPOConfig()
     out = grpo_loss(
         policy.logps,

@@ -20,6 +20,7 @@ from cadence.app.supervisor import Child, Supervisor
 from cadence.config import RunConfig, dump_run_config
 from cadence.errors import CadenceError, NotReady
 from cadence.net import free_port
+from cadence.trainer.schedule import Schedule
 
 SERVICES = ("broker", "reward", "inference", "trainer")
 
@@ -58,7 +59,7 @@ def describe(plan: RunPlan) -> str:
     """The resolved plan, for `--dry-run` and the top of the log."""
     config = plan.config
     regime = "offline" if config.offline else ("online" if config.sync_every == 1 else "semi-online")
-    ref = config.resolved_ref_sync_every()
+    ref = Schedule.of(config).ref_sync_every
     lines = [
         f"run            {plan.run_id}",
         f"folder         {plan.run_dir}",

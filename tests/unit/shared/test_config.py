@@ -77,24 +77,6 @@ def test_dpo_needs_two_samples() -> None:
         parse_run_config({"sampling": {"n": 1}})
 
 
-@pytest.mark.parametrize(
-    ("sync_every", "steps", "expected"),
-    [(2, [0, 1, 2, 3, 4], [0, 0, 2, 2, 4]), (1, [0, 1, 2], [0, 1, 2]), (None, [0, 5, 99], [0, 0, 0])],
-)
-def test_cadence_rule_min_version(sync_every: int | None, steps: list[int], expected: list[int]) -> None:
-    config = parse_run_config({"sync_every": sync_every})
-    assert [config.min_version(t) for t in steps] == expected
-
-
-def test_reference_sync_auto_follows_the_paper() -> None:
-    math_run = parse_run_config({"sync_every": 4})
-    chat_task = {"name": "c", "kind": "chat", "dataset": "wildchat"}
-    chat_run = parse_run_config({"sync_every": 4, "tasks": [chat_task], "reward_model": "tiny-rm"})
-    assert math_run.resolved_ref_sync_every() == 4
-    assert chat_run.resolved_ref_sync_every() is None
-    assert parse_run_config({"ref_sync_every": 3}).resolved_ref_sync_every() == 3
-
-
 def test_bad_run_id_is_refused() -> None:
     with pytest.raises(ConfigError, match="run_id"):
         parse_run_config({"run_id": "a b/c"})

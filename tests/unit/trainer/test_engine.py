@@ -10,7 +10,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from cadence.config import RunConfig
-from cadence.trainer.engine import SequenceBatch, TrainEngine, deepspeed_config, needs_old_policy
+from cadence.trainer.engine import SequenceBatch, TrainEngine, deepspeed_config
 from cadence.trainer.update import Group, StepPlan, execute, update
 
 torch.set_num_threads(1)
@@ -107,20 +107,6 @@ def test_deepspeed_config_merges_extra() -> None:
     ds = deepspeed_config(config(deepspeed={"zero_stage": 2, "extra": extra}), False)
     assert ds["zero_optimization"] == {"stage": 2, "overlap_comm": False}
     assert ds["gradient_clipping"] == 1.0 and ds["bf16"] == {"enabled": False}
-
-
-@pytest.mark.parametrize(
-    ("fields", "expected"),
-    [
-        ({}, False),  # DPO needs no π_old
-        ({"algorithm": {"type": "grpo"}, "sync_every": 2}, False),  # reference synced at every publish: it is π_old
-        ({"algorithm": {"type": "grpo"}, "sync_every": 2, "ref_sync_every": None}, True),
-        ({"algorithm": {"type": "dpo", "grpo_coef": 0.5}, "sync_every": 2, "ref_sync_every": 4}, True),
-        ({"algorithm": {"type": "grpo"}, "sync_every": None}, False),  # offline: reference = π_old = seed
-    ],
-)
-def test_old_policy_copy_only_when_the_reference_follows_another_schedule(fields: dict, expected: bool) -> None:
-    assert needs_old_policy(config(**fields)) is expected
 
 
 def test_dpo_plus_alpha_grpo_by_hand(untrained_tiny_model_dir: Path) -> None:

@@ -6,31 +6,11 @@ import pytest
 
 from cadence.config import RunConfig, TaskConfig
 from cadence.tasks import Problem, load_problems
-from cadence.trainer.feeder import PromptPlan, allowed_versions, step_quotas
+from cadence.trainer.feeder import PromptPlan, step_quotas
 
 
 def run_config(**fields: object) -> RunConfig:
     return RunConfig.model_validate({"batch_prompts": 4, "steps": 8} | fields)
-
-
-@pytest.mark.parametrize(
-    ("sync_every", "expected"),
-    [
-        (2, [(0, 0), (0, 0), (2, 2), (2, 2), (4, 4)]),  # semi-online s = 2: steps 0–1 → 0, 2–3 → 2
-        (None, [(0, 0)] * 5),  # offline: always the seed
-        (1, [(t, t) for t in range(5)]),  # online: step t trains on version t
-    ],
-)
-def test_allowed_versions_follow_the_rule(sync_every: int | None, expected: list[tuple[int, int]]) -> None:
-    config = run_config(sync_every=sync_every)
-    assert [allowed_versions(config, t) for t in range(5)] == expected
-
-
-def test_async_lag_widens_the_window_downwards_only() -> None:
-    """s = 2, lag 1: step 4 (block 2) may use version 2 or 4; block 0 never goes below 0."""
-    config = run_config(sync_every=2, async_lag=1)
-    assert allowed_versions(config, 4) == (2, 4)
-    assert allowed_versions(config, 1) == (0, 0)
 
 
 def test_quotas_follow_weights_and_sum_to_the_batch() -> None:
