@@ -113,6 +113,9 @@ class RewardSettings(ServiceSettings):
     """Device for the reward model: `auto`, `cpu`, `cuda`, `cuda:1` (`CADENCE_RM_DEVICE`)."""
     rm_max_batch_tokens: int = 16384
     """Padded tokens per reward-model forward pass (`CADENCE_RM_MAX_BATCH_TOKENS`)."""
+    rm_kind: str = "auto"
+    """Reward-model layout: `auto` (from the checkpoint's architectures and weight names),
+    `sequence-classification`, or `athene` (`CADENCE_RM_KIND`)."""
     worker_batch: int = 16
     """Rollouts the queue worker reads and scores at once (`CADENCE_WORKER_BATCH`)."""
     reclaim_idle_ms: int = Field(30_000, ge=100)

@@ -36,7 +36,10 @@ def build_scorer(settings: RewardSettings) -> Scorer:
         from cadence.reward.reward_model import RewardModel
 
         reward_model = RewardModel(
-            settings.reward_model, device=settings.rm_device, max_batch_tokens=settings.rm_max_batch_tokens
+            settings.reward_model,
+            device=settings.rm_device,
+            max_batch_tokens=settings.rm_max_batch_tokens,
+            kind=settings.rm_kind,
         )
     limits = Limits(
         max_items=settings.max_items,

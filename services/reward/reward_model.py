@@ -1,10 +1,12 @@
-"""Reward model: any Hugging Face `AutoModelForSequenceClassification` scoring (prompt, response) pairs.
+"""Reward model: a checkpoint in one of the layouts `rm_layouts` knows, scoring (prompt, response) pairs.
 
-Skywork-Reward, ArmoRM, Athene-RM and `cadence seed-model tiny-rm` all have this shape: the first logit of
-the last non-pad token is the score. Inputs are rendered with the tokenizer's chat template when it has
-one (a user turn, then an assistant turn), else as prompt + response. Batches are formed by a token budget
-(padded tokens per forward pass), longest first, so a few long answers never blow up memory. Sequences
-longer than the model's context are cut on the left: the end of the response is what gets scored.
+The layout (stock sequence classifier, or Athene's value head at a CLS token) comes from the checkpoint's
+own description or an explicit `kind`. Inputs are rendered with the tokenizer's chat template when it has
+one (a user turn, then an assistant turn), else as prompt + response; Athene appends its CLS token. Batches
+are formed by a token budget (padded tokens per forward pass), longest first, so a few long answers never
+blow up memory. Sequences longer than the model's context are cut on the left: the end of the response
+(and Athene's CLS token) is what gets scored; Athene's own usage code cuts on the right and then finds no
+CLS token, so only inputs that fit are scored as it scores them.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from typing import Any
 import torch
 
 from cadence.models.registry import resolve_model
+from cadence.reward.rm_layouts import HEADS, RewardModelLayoutError, load_scoring_model, score_positions
 
 
 def _pick_device(device: str) -> torch.device:
@@ -34,8 +37,9 @@ class RewardModel:
         device: str = "auto",
         max_batch_tokens: int = 16384,
         max_length: int | None = None,
+        kind: str = "auto",
     ) -> None:
-        from transformers import AutoModelForSequenceClassification, AutoTokenizer
+        from transformers import AutoTokenizer
 
         source = resolve_model(name_or_path)
         self.name = Path(source).name if isinstance(source, Path) else str(source)
@@ -47,10 +51,15 @@ class RewardModel:
         self.tokenizer.padding_side = "left"
         if self.tokenizer.pad_token is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
-        self.model = AutoModelForSequenceClassification.from_pretrained(source, dtype=dtype).to(self.device)
-        self.model.eval()
-        if self.model.config.pad_token_id is None:
-            self.model.config.pad_token_id = self.tokenizer.pad_token_id
+        model, self.kind = load_scoring_model(source, kind, dtype)
+        self.model = model.to(self.device).eval()
+        self.cls_token_id: int | None = None
+        if self.kind == "athene":
+            if self.tokenizer.cls_token is None:
+                raise RewardModelLayoutError(
+                    f"{source}: an Athene-style RM needs its tokenizer's cls_token; it has none"
+                )
+            self.cls_token_id = self.tokenizer.cls_token_id
         limits = [max_length, getattr(self.model.config, "max_position_embeddings", None)]
         limits.append(self.tokenizer.model_max_length if self.tokenizer.model_max_length < 10**6 else None)
         self.max_length = min(limit for limit in limits if limit) if any(limits) else 4096
@@ -61,13 +70,16 @@ class RewardModel:
         """The text the model sees for one pair."""
         if self.tokenizer.chat_template:
             messages = [{"role": "user", "content": prompt}, {"role": "assistant", "content": response}]
-            return self.tokenizer.apply_chat_template(messages, tokenize=False)
+            text = self.tokenizer.apply_chat_template(messages, tokenize=False)
+            return text + self.tokenizer.cls_token if self.kind == "athene" else text
         return prompt + response
 
     def encode(self, pairs: list[tuple[str, str]]) -> list[list[int]]:
-        """Token ids per pair (special tokens come from the chat template when there is one)."""
+        """Token ids per pair. Special tokens come from the chat template when there is one, except for Athene,
+        whose published usage tokenizes the rendered text with the tokenizer's defaults (so Llama-3 gets BOS
+        from the tokenizer and again from the template: that is what Athene-RM was served with)."""
         texts = [self.render(prompt, response) for prompt, response in pairs]
-        special = not self.tokenizer.chat_template
+        special = not self.tokenizer.chat_template or self.kind == "athene"
         encoded = self.tokenizer(texts, add_special_tokens=special, truncation=True, max_length=self.max_length)
         return encoded["input_ids"]
 
@@ -83,14 +95,18 @@ class RewardModel:
         return groups
 
     def forward(self, ids: list[list[int]]) -> list[float]:
-        """Scores of already-encoded sequences, one padded forward pass."""
+        """Scores of already-encoded sequences, one padded forward pass: the head at each row's scoring position
+        (`rm_layouts.score_positions`), on the backbone's final (normed) hidden states."""
         padded: Any = self.tokenizer.pad({"input_ids": ids}, return_tensors="pt")
+        input_ids = padded["input_ids"].to(self.device)
+        attention_mask = padded["attention_mask"].to(self.device)
+        positions = score_positions(self.kind, input_ids, attention_mask, self.cls_token_id)
+        backbone = getattr(self.model, self.model.base_model_prefix)
+        head = getattr(self.model, HEADS[self.kind])
         with torch.inference_mode():
-            logits = self.model(
-                input_ids=padded["input_ids"].to(self.device),
-                attention_mask=padded["attention_mask"].to(self.device),
-            ).logits
-        return logits[:, 0].float().cpu().tolist()
+            hidden = backbone(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+            scores = head(hidden[torch.arange(len(ids), device=self.device), positions])
+        return scores[:, 0].float().cpu().tolist()
 
     def score(self, pairs: list[tuple[str, str]]) -> list[float]:
         """One score per (prompt, response), in order; higher is better."""
