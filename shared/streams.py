@@ -10,8 +10,9 @@ still owns the inputs, so a slow consumer whose entries were reclaimed cannot wr
 
 from __future__ import annotations
 
-import time
-from collections.abc import Callable, Sequence
+import threading
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Generic, Literal, TypeVar
 
@@ -20,6 +21,7 @@ from google.protobuf.message import DecodeError, Message
 
 from cadence.errors import NotReady
 from cadence.logging import get_logger
+from cadence.retry import Backoff, Retry, retry
 
 log = get_logger(__name__)
 
@@ -67,31 +69,30 @@ def connect(url: str) -> redis.Redis:
     return redis.Redis.from_url(url, socket_connect_timeout=2.0, socket_keepalive=True, health_check_interval=10)
 
 
+REDIS_BACKOFF = Backoff(0.1, cap=5.0)
+
+
 def retrying(call: Callable[[], T], what: str, give_up_after: float = 600.0) -> T:
     """Run `call`, reconnecting with exponential backoff while Redis is unreachable or loading.
 
     Logs once per outage and once on recovery; after `give_up_after` seconds raises `NotReady`.
     """
-    delay, started, warned = 0.1, time.monotonic(), False
-    while True:
-        try:
-            result = call()
-        except (redis.ConnectionError, redis.TimeoutError) as error:
-            waited = time.monotonic() - started
-            if waited > give_up_after:
-                raise NotReady(
-                    f"Redis unreachable for {waited:.0f}s during {what}: {error}; check CADENCE_REDIS_URL "
-                    "and that redis-server is running"
-                ) from error
-            if not warned:
-                log.warning("Redis unavailable during %s, retrying with backoff: %s", what, error)
-                warned = True
-            time.sleep(delay)
-            delay = min(delay * 2, 5.0)
-            continue
-        if warned:
-            log.info("Redis reachable again (%s) after %.1fs", what, time.monotonic() - started)
-        return result
+    loop = Retry(REDIS_BACKOFF, patience=give_up_after)
+
+    def warn_once(error: BaseException, _: float) -> None:
+        if loop.failures == 1:
+            log.warning("Redis unavailable during %s, retrying with backoff: %s", what, error)
+
+    try:
+        result = retry(call, loop, retry_on=(redis.ConnectionError, redis.TimeoutError), on_retry=warn_once)
+    except (redis.ConnectionError, redis.TimeoutError) as error:
+        raise NotReady(
+            f"Redis unreachable for {loop.elapsed:.0f}s during {what}: {error}; check CADENCE_REDIS_URL "
+            "and that redis-server is running"
+        ) from error
+    if loop.failures:
+        log.info("Redis reachable again (%s) after %.1fs", what, loop.elapsed)
+    return result
 
 
 def write_meta(client: redis.Redis, run_id: str, fields: dict[str, str | int | float]) -> None:
@@ -101,6 +102,44 @@ def write_meta(client: redis.Redis, run_id: str, fields: dict[str, str | int | f
 def read_meta(client: redis.Redis, run_id: str) -> dict[str, str]:
     raw = retrying(lambda: client.hgetall(meta_key(run_id)), "read run meta")
     return {k.decode(): v.decode() for k, v in raw.items()}
+
+
+def update_meta(client: redis.Redis, run_id: str, fields: dict[str, str | int | float], mark: str) -> bool:
+    """Write `fields` to the run's meta hash; returns whether `mark` was there before (in the same transaction),
+    so a caller that set `mark` earlier can tell that Redis lost the run's data."""
+
+    def call() -> bool:
+        pipe = client.pipeline(transaction=True)
+        pipe.hexists(meta_key(run_id), mark)
+        pipe.hset(meta_key(run_id), mapping=fields)
+        return bool(pipe.execute()[0])
+
+    return retrying(call, "write run meta")
+
+
+def meta_has(client: redis.Redis, run_id: str, field: str) -> bool:
+    """Whether the run's meta hash holds `field`."""
+    return bool(retrying(lambda: client.hexists(meta_key(run_id), field), "hexists"))
+
+
+def add_with_meta(
+    client: redis.Redis, run_id: str, kind: Kind, messages: Sequence[Message], fields: dict[str, str | int | float]
+) -> list[str]:
+    """Append `messages` to the run's `kind` stream and write `fields` to its meta hash in one transaction,
+    so a position kept in the meta hash never disagrees with what the stream holds."""
+
+    def call() -> list[bytes]:
+        pipe = client.pipeline(transaction=True)
+        _xadd_all(pipe, stream_key(run_id, kind), messages)
+        pipe.hset(meta_key(run_id), mapping=fields)
+        return pipe.execute()[: len(messages)]
+
+    return [entry_id.decode() for entry_id in retrying(call, f"xadd {kind} batch with meta")]
+
+
+def _xadd_all(pipe: redis.client.Pipeline, key: str, messages: Sequence[Message]) -> None:
+    for message in messages:
+        pipe.xadd(key, {FIELD: message.SerializeToString()})
 
 
 class StreamProducer:
@@ -116,8 +155,7 @@ class StreamProducer:
     def add_many(self, messages: Sequence[Message]) -> list[str]:
         def call() -> list[bytes]:
             pipe = self.client.pipeline(transaction=True)
-            for message in messages:
-                pipe.xadd(self.key, {FIELD: message.SerializeToString()})
+            _xadd_all(pipe, self.key, messages)
             return pipe.execute()
 
         return [entry_id.decode() for entry_id in retrying(call, "xadd batch")]
@@ -261,14 +299,54 @@ class StreamConsumer(Generic[M]):
 
     def lag(self) -> int:
         """Entries in the stream not yet delivered to this group."""
-        groups = self._with_group(lambda: self.client.xinfo_groups(self.key), "xinfo groups")
-        for info in groups:
-            name = info["name"].decode() if isinstance(info["name"], bytes) else info["name"]
-            if name == self.group:
-                return int(info.get("lag") or 0)
-        return 0
+        info = self._group_info(self._with_group(lambda: self.client.xinfo_groups(self.key), "xinfo groups"))
+        return int(info.get("lag") or 0)
 
     def pending(self) -> int:
         """Entries delivered to the group but not yet acknowledged."""
         summary = self._with_group(lambda: self.client.xpending(self.key, self.group), "xpending")
         return int(summary["pending"])
+
+    def backlog(self) -> int:
+        """Entries the group has not acknowledged yet (undelivered + in progress), in one call and without
+        retrying: raises `redis.RedisError` while Redis is unreachable, so a status probe never hangs."""
+        info = self._group_info(self.client.xinfo_groups(self.key))
+        return int(info.get("lag") or 0) + int(info.get("pending") or 0)
+
+    def _group_info(self, groups: list[dict]) -> dict:
+        for info in groups:
+            if info["name"] in (self.group, self.group.encode()):
+                return info
+        return {}
+
+    @contextmanager
+    def keep_alive(self, entry_ids: Callable[[], Sequence[str]]) -> Iterator[None]:
+        """While the block runs, re-claim the entries `entry_ids()` names to this consumer every third of
+        `reclaim_idle_ms`, so a slow stage keeps them; only a dead consumer's entries go idle and are reclaimed."""
+        done = threading.Event()
+        interval = self.reclaim_idle_ms / 3000
+
+        def touch() -> None:
+            while not done.wait(interval):
+                ids = list(entry_ids())
+                if not ids:
+                    continue
+                try:
+                    self.client.xclaim(
+                        self.key,
+                        self.group,
+                        self.consumer,
+                        min_idle_time=int(interval * 1000),
+                        message_ids=ids,
+                        justid=True,
+                    )
+                except redis.RedisError as error:  # the stage's own calls report outages; this only delays reclaim
+                    log.debug("keep-alive failed: %s", error)
+
+        thread = threading.Thread(target=touch, name="keep-alive", daemon=True)
+        thread.start()
+        try:
+            yield
+        finally:
+            done.set()
+            thread.join()

@@ -18,8 +18,7 @@ import socket
 import threading
 import time
 from collections import defaultdict
-from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import suppress
 
 import redis
 from prometheus_client import Counter, Gauge, Histogram
@@ -28,6 +27,7 @@ from cadence.clients.broker import WeightTransport
 from cadence.errors import CadenceError, CadenceRuleViolation, InvalidRequest
 from cadence.inference.engine import Engine, SamplingParams, prompt_input
 from cadence.logging import get_logger
+from cadence.retry import Backoff, Retry, keep_running
 from cadence.streams import GROUPS, Entry, StreamConsumer, stream_key
 from cadence.v1 import common_pb2
 
@@ -39,7 +39,8 @@ LOADED_VERSION = Gauge("cadence_inference_loaded_version", "Policy version of th
 SYNC_SECONDS = Histogram("cadence_inference_sync_seconds", "Weight sync (fetch + load) duration")
 GENERATE_SECONDS = Histogram("cadence_inference_generate_seconds", "Engine call duration per sampling group")
 
-MAX_BACKOFF_SECONDS = 15.0
+WORKER_BACKOFF = Backoff(1.0, cap=15.0)
+"""After a failed step or broker watch: 1 s, doubling, at most 15 s."""
 
 
 def default_worker_id() -> str:
@@ -55,25 +56,24 @@ class VersionWatcher:
         self._newest: common_pb2.VersionInfo | None = None
         self._cond = threading.Condition()
         self._closed = threading.Event()
+        self._retry = Retry(WORKER_BACKOFF)
         self._thread = threading.Thread(target=self._follow, name="broker-watch", daemon=True)
         self._thread.start()
 
     def _follow(self) -> None:
-        failures = 0
-        while not self._closed.is_set():
-            try:
-                for info in self.weights.watch(self._newest.version if self._newest else -1):
-                    failures = 0
-                    with self._cond:
-                        self._newest = info
-                        self._cond.notify_all()
-            except Exception as error:  # this thread must outlive any failure; the client retried already
-                if self._closed.is_set():
-                    return
-                failures += 1
-                delay = min(MAX_BACKOFF_SECONDS, 0.5 * 2**failures)
-                log.warning("broker watch failed (%s); retrying in %.1fs", error, delay)
-                self._closed.wait(delay)
+        # this thread must outlive any failure (the client retried already)
+        keep_running(self._watch, self._closed, self._retry, on_failure=self._watch_failed)
+
+    def _watch(self) -> None:
+        for info in self.weights.watch(self._newest.version if self._newest else -1):
+            self._retry.succeeded()
+            with self._cond:
+                self._newest = info
+                self._cond.notify_all()
+
+    def _watch_failed(self, error: BaseException, delay: float) -> None:
+        if not self._closed.is_set():
+            log.warning("broker watch failed (%s); retrying in %.1fs", error, delay)
 
     def close(self) -> None:
         """Stop following (closing the transport ends the blocked watch call)."""
@@ -132,27 +132,24 @@ class RolloutWorker:
     def pending_prompts(self) -> int:
         """Prompts not yet acknowledged by the group (undelivered + in progress); the last known count
         while Redis is unreachable, so `Status` never hangs on an outage."""
-        try:
-            for info in self.consumer.client.xinfo_groups(self.prompts_key):
-                if info["name"] in (self.consumer.group, self.consumer.group.encode()):
-                    self._pending = int(info.get("lag") or 0) + int(info.get("pending") or 0)
-        except redis.RedisError:
-            pass
+        with suppress(redis.RedisError):
+            self._pending = self.consumer.backlog()
         return self._pending
 
     def run(self, stop: threading.Event) -> None:
         """Loop until `stop` is set; the batch in hand is finished first. Failures back off and retry."""
         log.info("rollout worker started", extra={"worker": self.worker_id, "stream": self.prompts_key})
-        failures = 0
-        while not stop.is_set():
-            try:
-                self.step(stop)
-                failures = 0
-            except (CadenceError, redis.RedisError) as error:
-                failures += 1
-                delay = min(MAX_BACKOFF_SECONDS, 0.5 * 2**failures)
-                log.warning("worker step failed (%s: %s); retrying in %.1fs", type(error).__name__, error, delay)
-                stop.wait(delay)
+
+        def failed(error: BaseException, delay: float) -> None:
+            log.warning("worker step failed (%s: %s); retrying in %.1fs", type(error).__name__, error, delay)
+
+        keep_running(
+            lambda: self.step(stop),
+            stop,
+            Retry(WORKER_BACKOFF),
+            retry_on=(CadenceError, redis.RedisError),
+            on_failure=failed,
+        )
         log.info("rollout worker stopped", extra={"worker": self.worker_id, "released": len(self._held)})
 
     def step(self, stop: threading.Event) -> int:
@@ -160,7 +157,7 @@ class RolloutWorker:
         if not self._held:
             self._held = self.consumer.read(self.batch_prompts)
         written = 0
-        with self._keep_alive():
+        with self.consumer.keep_alive(lambda: [entry.id for entry in self._held]):
             while self._held and not stop.is_set():
                 ready = [e for e in self._held if e.message.min_version <= self.engine.version]
                 if not ready:
@@ -244,34 +241,3 @@ class RolloutWorker:
             self._release([entry])
             return None
         return params
-
-    @contextmanager
-    def _keep_alive(self) -> Iterator[None]:
-        """While a batch is in hand, re-claim its entries to ourselves so their idle time stays low."""
-        done = threading.Event()
-        interval = self.consumer.reclaim_idle_ms / 3000
-
-        def touch() -> None:
-            while not done.wait(interval):
-                ids = [e.id for e in self._held]
-                if not ids:
-                    continue
-                try:
-                    self.consumer.client.xclaim(
-                        self.prompts_key,
-                        self.consumer.group,
-                        self.worker_id,
-                        min_idle_time=int(interval * 1000),
-                        message_ids=ids,
-                        justid=True,
-                    )
-                except redis.RedisError as error:  # the main loop reports outages; this only delays reclaim
-                    log.debug("keep-alive failed: %s", error)
-
-        thread = threading.Thread(target=touch, name="keep-alive", daemon=True)
-        thread.start()
-        try:
-            yield
-        finally:
-            done.set()
-            thread.join()

@@ -3,7 +3,9 @@
 Crash-safe per DESIGN.md §3: outputs are written and inputs acknowledged in one atomic step
 (`StreamConsumer.forward`), so a worker that dies mid-batch leaves its entries pending for another
 consumer to reclaim — nothing is lost and nothing is written twice. A failing backend (the verifier
-pool or the reward model) is retried with backoff, logged and counted; rewards are never silently zeroed.
+pool or the reward model) is retried with backoff, logged and counted, and rewards are never silently
+zeroed; meanwhile the batch's entries are kept claimed (`StreamConsumer.keep_alive`), so a slow scoring is not
+reclaimed and scored again by another worker.
 A sample that breaks a limit (say an over-long response) is scored 0 with reason `error` and logged,
 so one bad rollout cannot block the stream.
 """
@@ -17,13 +19,17 @@ import time
 
 from cadence.errors import InvalidRequest
 from cadence.logging import get_logger
+from cadence.retry import Backoff, Retry, keep_running, retry
 from cadence.reward import metrics
 from cadence.reward.scoring import Item, Result, Scorer
 from cadence.streams import GROUPS, Entry, StreamConsumer, connect, stream_key
 from cadence.v1 import common_pb2
 
 log = get_logger(__name__)
-MAX_BACKOFF_SECONDS = 30.0
+STEP_BACKOFF = Backoff(1.0, factor=1.0)
+"""After a failed step (Redis gone for minutes, a bug): 1 s, every time."""
+SCORE_BACKOFF = Backoff(0.5, cap=30.0)
+"""While the scoring backend fails: 0.5 s, doubling, at most 30 s."""
 
 
 def prompt_text(prompt: common_pb2.Prompt) -> str:
@@ -71,13 +77,12 @@ class RewardWorker:
     def run(self, stop: threading.Event) -> None:
         """Score batches until `stop` is set; the batch in hand is finished (or left pending) first."""
         log.info("reward worker consuming %s as %s", self.consumer.key, self.consumer.consumer)
-        while not stop.is_set():
-            try:
-                self.step(stop)
-            except Exception:  # Redis gone for minutes, a bug: log, count, keep the worker alive
-                metrics.WORKER_FAILURES.inc()
-                log.exception("reward worker step failed; retrying in 1s")
-                stop.wait(1.0)
+
+        def failed(_: BaseException, delay: float) -> None:  # Redis gone for minutes, a bug: keep the worker alive
+            metrics.WORKER_FAILURES.inc()
+            log.exception("reward worker step failed; retrying in %.0fs", delay)
+
+        keep_running(lambda: self.step(stop), stop, Retry(STEP_BACKOFF), on_failure=failed)
         log.info("reward worker stopped")
 
     def step(self, stop: threading.Event | None = None) -> int:
@@ -86,7 +91,8 @@ class RewardWorker:
         if not entries:
             return 0
         started = time.perf_counter()
-        scores = self._score_with_retry(entries, stop or threading.Event())
+        with self.consumer.keep_alive(lambda: [entry.id for entry in entries]):
+            scores = self._score_with_retry(entries, stop or threading.Event())
         if scores is None:
             return 0
         elapsed = time.perf_counter() - started
@@ -100,16 +106,17 @@ class RewardWorker:
 
     def _score_with_retry(self, entries: list[Entry], stop: threading.Event) -> list[list[Result]] | None:
         """Scores per rollout; None when stopped while the backend kept failing (entries stay pending)."""
-        delay = 0.5
-        while True:
-            try:
-                return self._score(entries)
-            except Exception as error:
-                metrics.WORKER_FAILURES.inc()
-                log.error("scoring %d rollouts failed, retrying in %.1fs: %s", len(entries), delay, error)
-            if stop.wait(delay):
-                return None
-            delay = min(delay * 2, MAX_BACKOFF_SECONDS)
+
+        def failed(error: BaseException, delay: float) -> None:
+            metrics.WORKER_FAILURES.inc()
+            log.error("scoring %d rollouts failed, retrying in %.1fs: %s", len(entries), delay, error)
+
+        try:
+            return retry(
+                lambda: self._score(entries), Retry(SCORE_BACKOFF), retry_on=Exception, on_retry=failed, stop=stop
+            )
+        except Exception:  # only when stopped: every failure is retried until then
+            return None
 
     def _score(self, entries: list[Entry]) -> list[list[Result]]:
         per_rollout = [rollout_items(entry.message) for entry in entries]

@@ -139,6 +139,31 @@ def test_an_invalid_sample_is_scored_as_error_and_does_not_block(redis_url: str,
     assert [s.reason for s in second.scores] == ["correct", "incorrect", "no_answer"]
 
 
+def test_a_slow_scoring_keeps_its_entries_from_other_workers(redis_url: str, scorer: Scorer) -> None:
+    slow = rollout(0)
+    slow.samples[2].text = "\\boxed{10^{10^{10}}}"  # math-verify works on it until the 3 s item timeout
+    client = redis.Redis.from_url(redis_url)
+    StreamProducer(client, stream_key(RUN, "rollouts")).add_many([slow, rollout(1)])
+    worker = RewardWorker(scorer, redis_url, RUN, consumer="slow", batch=2, reclaim_idle_ms=300, block_ms=100)
+    rival = StreamConsumer(
+        client, stream_key(RUN, "rollouts"), GROUPS["rollouts"], "rival", common_pb2.Rollout, reclaim_idle_ms=300
+    )
+    written: list[int] = []
+    thread = threading.Thread(target=lambda: written.append(worker.step()), daemon=True)
+    thread.start()
+    while client.xpending(stream_key(RUN, "rollouts"), GROUPS["rollouts"])["pending"] < 2:
+        time.sleep(0.01)
+    stolen, started = [], time.monotonic()
+    while thread.is_alive():  # ten times the idle timeout: without the keep-alive the rival takes both
+        stolen += rival.read(2)
+        time.sleep(0.05)
+    assert time.monotonic() - started > 1.0, "the scoring was not slow enough to test anything"
+    assert stolen == [] and written == [2]
+    found = scored(redis_url)
+    assert sorted(s.rollout.prompt.prompt_id for s in found) == ["p0", "p1"]
+    assert [s.reason for s in found[0].scores] == ["correct", "incorrect", "timeout"]
+
+
 def start_serve(url: str, **env: str) -> tuple[subprocess.Popen[bytes], int]:
     """`cadence serve reward` as its own process, with the worker on; returns it and its HTTP port."""
     http_port = free_port()

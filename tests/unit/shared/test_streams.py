@@ -150,3 +150,51 @@ def test_run_meta_round_trip(redis_url: str) -> None:
     client = streams.connect(redis_url)
     streams.write_meta(client, "r", {"state": "training", "step": 3})
     assert streams.read_meta(client, "r") == {"state": "training", "step": "3"}
+
+
+def test_a_batch_and_its_meta_update_land_together(redis_url: str) -> None:
+    client = redis.Redis.from_url(redis_url)
+    ids = streams.add_with_meta(client, "batch", "prompts", prompts(3), {"position": 3})
+    assert len(ids) == 3 and client.xlen(streams.stream_key("batch", "prompts")) == 3
+    assert streams.read_meta(client, "batch") == {"position": "3"}
+
+
+def test_meta_checks_tell_when_redis_lost_the_run(redis_url: str) -> None:
+    client = redis.Redis.from_url(redis_url)
+    assert not streams.meta_has(client, "lost", "state")
+    assert streams.update_meta(client, "lost", {"state": "running", "step": 0}, mark="state") is False
+    assert streams.update_meta(client, "lost", {"state": "running", "step": 1}, mark="state") is True
+    assert streams.meta_has(client, "lost", "state")
+    client.delete(streams.meta_key("lost"))  # Redis restarted empty
+    assert not streams.meta_has(client, "lost", "state")
+    assert streams.update_meta(client, "lost", {"step": 2}, mark="state") is False
+
+
+def test_backlog_counts_undelivered_and_in_progress(redis_url: str) -> None:
+    client = redis.Redis.from_url(redis_url)
+    key = streams.stream_key("backlog", "prompts")
+    consumer = streams.StreamConsumer(client, key, "inference", "c1", common_pb2.Prompt, block_ms=10)
+    streams.StreamProducer(client, key).add_many(prompts(5))
+    taken = consumer.read(2)
+    assert (consumer.backlog(), consumer.lag(), consumer.pending()) == (5, 3, 2)
+    consumer.ack([e.id for e in taken])
+    assert consumer.backlog() == 3
+
+
+def test_keep_alive_keeps_a_slow_consumers_entries(redis_url: str) -> None:
+    client = redis.Redis.from_url(redis_url)
+    key = streams.stream_key("alive", "prompts")
+    slow = streams.StreamConsumer(client, key, "inference", "slow", common_pb2.Prompt, reclaim_idle_ms=300)
+    rival = streams.StreamConsumer(client, key, "inference", "rival", common_pb2.Prompt, reclaim_idle_ms=300)
+    streams.StreamProducer(client, key).add_many(prompts(2))
+    held = slow.read(2)
+    with slow.keep_alive(lambda: [entry.id for entry in held]):
+        deadline = time.monotonic() + 1.5  # five idle timeouts
+        while time.monotonic() < deadline:
+            assert rival.read(2) == []
+            time.sleep(0.05)
+    assert slow.forward([e.id for e in held], streams.stream_key("alive", "rollouts"), [])
+    streams.StreamProducer(client, key).add_many(prompts(1))
+    taken = slow.read(1)
+    time.sleep(0.4)  # no keep-alive: idle past the timeout, so another consumer takes it over
+    assert [e.id for e in rival.read(1)] == [e.id for e in taken]
