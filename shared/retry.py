@@ -81,15 +81,21 @@ def _is(retry_on: ErrorTypes | Callable[[BaseException], bool], error: BaseExcep
     return retry_on(error)
 
 
-def _next_delay(
-    loop: Retry,
+def _pause(
     error: BaseException,
+    loop: Retry,
+    retry_on: ErrorTypes | Callable[[BaseException], bool],
+    on_retry: OnRetry | None,
     at_least: Callable[[BaseException], float] | None,
     give_up: Callable[[], bool] | None,
 ) -> float | None:
-    if give_up is not None and give_up():
+    """The wait before the next attempt after `error`, or None when it must be raised."""
+    if not _is(retry_on, error) or (give_up is not None and give_up()):
         return None
-    return loop.failed(at_least(error) if at_least else 0.0)
+    delay = loop.failed(at_least(error) if at_least else 0.0)
+    if delay is not None and on_retry is not None:
+        on_retry(error, delay)
+    return delay
 
 
 def retry(
@@ -111,18 +117,9 @@ def retry(
         try:
             return call()
         except BaseException as error:
-            if not _is(retry_on, error):
+            delay = _pause(error, loop, retry_on, on_retry, at_least, give_up)
+            if delay is None or (stop.wait(delay) if stop is not None else time.sleep(delay)):
                 raise
-            delay = _next_delay(loop, error, at_least, give_up)
-            if delay is None:
-                raise
-            if on_retry is not None:
-                on_retry(error, delay)
-            if stop is not None:
-                if stop.wait(delay):
-                    raise
-            else:
-                time.sleep(delay)
 
 
 async def aretry(
@@ -138,13 +135,9 @@ async def aretry(
         try:
             return await call()
         except BaseException as error:
-            if not _is(retry_on, error):
-                raise
-            delay = _next_delay(loop, error, at_least, None)
+            delay = _pause(error, loop, retry_on, on_retry, at_least, None)
             if delay is None:
                 raise
-            if on_retry is not None:
-                on_retry(error, delay)
         await asyncio.sleep(delay)
 
 
