@@ -133,6 +133,15 @@ def _write_rows(out: Path, problems, completions, verdicts, k: int) -> None:
             )
 
 
+def length_normalized(reward: float, length: int) -> float:
+    """Reward per answer token, ordered right for either sign: `r / n` when r ≥ 0, `r · n` when r < 0.
+
+    Plain `r / n` moves a negative score towards 0 as the answer grows, so it ranks longer answers higher
+    whenever the RM's scores are negative (Athene-RM's often are). This falls with length at any fixed reward,
+    rises with reward at any fixed length (continuous at 0), and is `r / n` for non-negative scores."""
+    return reward / length if reward >= 0 else reward * length
+
+
 def evaluate_chat(
     engine,
     problems: list[Problem],
@@ -148,8 +157,8 @@ def evaluate_chat(
 ) -> EvalSummary:
     """Reward-model win rate of the model's answers against `baseline_answers` (a tie counts half).
 
-    `length_normalized_reward` is the mean over prompts of reward ÷ answer length in tokens: a model that
-    wins only by writing more scores lower on it, which is why the paper selects checkpoints by it.
+    `length_normalized_reward` is the mean over prompts of `length_normalized(reward, answer tokens)`: a model
+    that wins only by writing more scores lower on it, which is why the paper selects checkpoints by it.
     """
     if len(baseline_answers) != len(problems):
         raise InvalidRequest(f"{len(baseline_answers)} baseline answers for {len(problems)} prompts")
@@ -181,7 +190,7 @@ def evaluate_chat(
         accuracy=sum(wins) / max(1, len(wins)),
         mean_length=sum(lengths) / max(1, len(lengths)),
         seconds=time.monotonic() - started,
-        length_normalized_reward=sum(r / n for r, n in zip(ours, lengths, strict=True)) / max(1, len(ours)),
+        length_normalized_reward=sum(map(length_normalized, ours, lengths)) / max(1, len(ours)),
     )
 
 
