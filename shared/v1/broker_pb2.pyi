@@ -68,22 +68,34 @@ class FetchRequest(_message.Message):
     RUN_ID_FIELD_NUMBER: _builtins.int
     VERSION_FIELD_NUMBER: _builtins.int
     OFFSET_FIELD_NUMBER: _builtins.int
+    BASE_VERSION_FIELD_NUMBER: _builtins.int
+    BASE_SHA256_FIELD_NUMBER: _builtins.int
     run_id: _builtins.str
     version: _builtins.int
     offset: _builtins.int
-    """resume from this payload byte offset"""
+    """resume from this payload byte offset (of the delta data when one is sent)"""
+    base_version: _builtins.int
+    """The version the fetcher already holds, verified: when `version` is stored as a delta against it, the
+    delta is sent (the manifest says so); otherwise the full version, reconstructed by the broker if need be.
+    """
+    base_sha256: _builtins.str
+    """that version's sha256 (a delta is sent only if it matches)"""
     def __init__(
         self,
         *,
         run_id: _builtins.str = ...,
         version: _builtins.int = ...,
         offset: _builtins.int = ...,
+        base_version: _builtins.int | None = ...,
+        base_sha256: _builtins.str = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_base_version", b"_base_version", "base_version", b"base_version"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["offset", b"offset", "run_id", b"run_id", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_base_version", b"_base_version", "base_sha256", b"base_sha256", "base_version", b"base_version", "offset", b"offset", "run_id", b"run_id", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
+    _WhichOneofReturnType__base_version: _TypeAlias = _typing.Literal["base_version"]  # noqa: Y015
+    _WhichOneofArgType__base_version: _TypeAlias = _typing.Literal["_base_version", b"_base_version"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__base_version) -> _WhichOneofReturnType__base_version | None: ...
 
 Global___FetchRequest: _TypeAlias = FetchRequest  # noqa: Y015
 

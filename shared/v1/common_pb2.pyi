@@ -290,6 +290,7 @@ class VersionInfo(_message.Message):
     SHA256_FIELD_NUMBER: _builtins.int
     NUM_TENSORS_FIELD_NUMBER: _builtins.int
     PUBLISHED_UNIX_FIELD_NUMBER: _builtins.int
+    DELTA_BYTES_FIELD_NUMBER: _builtins.int
     run_id: _builtins.str
     version: _builtins.int
     """optimizer step after which the weights were published; the seed is 0"""
@@ -298,6 +299,8 @@ class VersionInfo(_message.Message):
     """digest of the whole payload"""
     num_tensors: _builtins.int
     published_unix: _builtins.float
+    delta_bytes: _builtins.int
+    """bytes stored for it as a delta against the version before it; 0 for a keyframe"""
     def __init__(
         self,
         *,
@@ -307,10 +310,11 @@ class VersionInfo(_message.Message):
         sha256: _builtins.str = ...,
         num_tensors: _builtins.int = ...,
         published_unix: _builtins.float = ...,
+        delta_bytes: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["num_tensors", b"num_tensors", "published_unix", b"published_unix", "run_id", b"run_id", "sha256", b"sha256", "total_bytes", b"total_bytes", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["delta_bytes", b"delta_bytes", "num_tensors", b"num_tensors", "published_unix", b"published_unix", "run_id", b"run_id", "sha256", b"sha256", "total_bytes", b"total_bytes", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -365,6 +369,7 @@ class WeightManifest(_message.Message):
     CHUNK_SIZE_FIELD_NUMBER: _builtins.int
     CHUNK_SHA256_FIELD_NUMBER: _builtins.int
     SHA256_FIELD_NUMBER: _builtins.int
+    DELTA_FIELD_NUMBER: _builtins.int
     run_id: _builtins.str
     version: _builtins.int
     total_bytes: _builtins.int
@@ -378,6 +383,12 @@ class WeightManifest(_message.Message):
     def chunk_sha256(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """digest of each chunk, in order"""
 
+    @_builtins.property
+    def delta(self) -> Global___WeightDelta:
+        """Set when the data that follows is a delta against an earlier version rather than the payload itself;
+        every field above still describes the full (reconstructed) version, which is verified against them.
+        """
+
     def __init__(
         self,
         *,
@@ -388,14 +399,54 @@ class WeightManifest(_message.Message):
         chunk_size: _builtins.int = ...,
         chunk_sha256: _abc.Iterable[_builtins.str] | None = ...,
         sha256: _builtins.str = ...,
+        delta: Global___WeightDelta | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["delta", b"delta"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["chunk_sha256", b"chunk_sha256", "chunk_size", b"chunk_size", "run_id", b"run_id", "sha256", b"sha256", "tensors", b"tensors", "total_bytes", b"total_bytes", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["chunk_sha256", b"chunk_sha256", "chunk_size", b"chunk_size", "delta", b"delta", "run_id", b"run_id", "sha256", b"sha256", "tensors", b"tensors", "total_bytes", b"total_bytes", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___WeightManifest: _TypeAlias = WeightManifest  # noqa: Y015
+
+@_typing.final
+class WeightDelta(_message.Message):
+    """A version encoded against the one before it (`cadence.weights_delta`)."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    BASE_VERSION_FIELD_NUMBER: _builtins.int
+    BASE_SHA256_FIELD_NUMBER: _builtins.int
+    ENCODING_FIELD_NUMBER: _builtins.int
+    ENCODED_BYTES_FIELD_NUMBER: _builtins.int
+    CHUNK_SHA256_FIELD_NUMBER: _builtins.int
+    base_version: _builtins.int
+    base_sha256: _builtins.str
+    """sha256 of the full base version it applies to"""
+    encoding: _builtins.str
+    """"xor-zstd" """
+    encoded_bytes: _builtins.int
+    """bytes of delta data on the stream"""
+    @_builtins.property
+    def chunk_sha256(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """digest of each `chunk_size` slice of the delta data"""
+
+    def __init__(
+        self,
+        *,
+        base_version: _builtins.int = ...,
+        base_sha256: _builtins.str = ...,
+        encoding: _builtins.str = ...,
+        encoded_bytes: _builtins.int = ...,
+        chunk_sha256: _abc.Iterable[_builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["base_sha256", b"base_sha256", "base_version", b"base_version", "chunk_sha256", b"chunk_sha256", "encoded_bytes", b"encoded_bytes", "encoding", b"encoding"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___WeightDelta: _TypeAlias = WeightDelta  # noqa: Y015
 
 @_typing.final
 class WeightChunk(_message.Message):
