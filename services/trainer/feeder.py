@@ -133,7 +133,6 @@ class Feeder:
     def __init__(self, client: redis.Redis, plan: PromptPlan) -> None:
         self.client, self.plan, self.schedule = client, plan, plan.schedule
         self.key = streams.stream_key(plan.run_id, "prompts")
-        self.meta = streams.meta_key(plan.run_id)
         stored = streams.read_meta(client, plan.run_id).get(POSITION_FIELD)
         self.next_step = int(stored) if stored is not None else 0
 
@@ -148,15 +147,7 @@ class Feeder:
 
     def _enqueue(self, step: int) -> None:
         prompts = self.plan.prompts_for(step)
-
-        def call() -> None:
-            pipe = self.client.pipeline(transaction=True)
-            for prompt in prompts:
-                pipe.xadd(self.key, {streams.FIELD: prompt.SerializeToString()})
-            pipe.hset(self.meta, POSITION_FIELD, step + 1)
-            pipe.execute()
-
-        streams.retrying(call, f"enqueue prompts of step {step}")
+        streams.add_with_meta(self.client, self.plan.run_id, "prompts", prompts, {POSITION_FIELD: step + 1})
         log.debug("enqueued %d prompts for step %d", len(prompts), step)
 
     def requeue(self, prompt: common_pb2.Prompt) -> None:

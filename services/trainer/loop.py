@@ -265,19 +265,11 @@ class TrainLoop:
     def _write_meta(self, first: bool = False) -> None:
         """Update the run's meta hash; after the first write, finding it gone means Redis lost the run."""
         fields = {"state": self.status.state, "step": self.status.step, "version": self.status.version}
-        key = streams.meta_key(self.run_id)
-
-        def call() -> bool:
-            pipe = self.client.pipeline(transaction=True)
-            pipe.hexists(key, META_MARK)
-            pipe.hset(key, mapping=fields)
-            return bool(pipe.execute()[0])
-
-        if not streams.retrying(call, "write run meta") and not first:
+        if not streams.update_meta(self.client, self.run_id, fields, mark=META_MARK) and not first:
             raise _data_lost(self.run_id)
 
     def _check_run_data(self) -> None:
-        if not streams.retrying(lambda: self.client.hexists(streams.meta_key(self.run_id), META_MARK), "hexists"):
+        if not streams.meta_has(self.client, self.run_id, META_MARK):
             raise _data_lost(self.run_id)
 
 
