@@ -8,17 +8,18 @@
 from __future__ import annotations
 
 import threading
-import time
 from collections.abc import Callable
 from typing import Any, TypeVar
 
 from cadence.errors import NotReady
 from cadence.logging import get_logger
+from cadence.retry import Backoff, Retry, retry
 
 log = get_logger(__name__)
 
 BROKER_PATIENCE_SECONDS = 600.0
 """How long a publish waits out an unreachable broker before the trainer gives up."""
+BROKER_BACKOFF = Backoff(1.0, cap=30.0)
 T = TypeVar("T")
 
 
@@ -49,16 +50,12 @@ class Publisher:
     def patiently(self, call: Callable[[], T], what: str) -> T:
         """A broker call that outlives a broker restart: `NotReady` (after the client's own retries) is
         retried with backoff for up to `BROKER_PATIENCE_SECONDS`, unless a stop is requested meanwhile."""
-        started, delay = time.monotonic(), 1.0
-        while True:
-            try:
-                return call()
-            except NotReady as error:
-                if time.monotonic() - started > BROKER_PATIENCE_SECONDS or self.stop_requested.is_set():
-                    raise
-                log.warning("broker unavailable (%s) during: %s; retrying in %.0fs", error, what, delay)
-                time.sleep(delay)
-                delay = min(delay * 2, 30.0)
+
+        def warn(error: BaseException, delay: float) -> None:
+            log.warning("broker unavailable (%s) during: %s; retrying in %.0fs", error, what, delay)
+
+        loop = Retry(BROKER_BACKOFF, patience=BROKER_PATIENCE_SECONDS)
+        return retry(call, loop, retry_on=NotReady, on_retry=warn, give_up=self.stop_requested.is_set)
 
     def _latest_version(self) -> int | None:
         latest = self.patiently(self.transport.latest, "read the broker's latest version")

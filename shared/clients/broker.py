@@ -11,7 +11,6 @@ broadcast coordinated by the broker) can be added there without touching callers
 
 from __future__ import annotations
 
-import random
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator, Mapping
@@ -22,6 +21,7 @@ import grpc
 from cadence import errors, weights_wire
 from cadence.grpc import channel
 from cadence.logging import get_logger
+from cadence.retry import Backoff, Retry, retry
 from cadence.v1 import broker_pb2, broker_pb2_grpc, common_pb2
 from cadence.weights import Assembler, Packed, iter_tensors, pack
 from cadence.weights_wire import iter_frames
@@ -45,6 +45,10 @@ _ERRORS: dict[grpc.StatusCode, type[errors.CadenceError]] = {
     grpc.StatusCode.UNAVAILABLE: errors.NotReady,
     grpc.StatusCode.DEADLINE_EXCEEDED: errors.NotReady,
 }
+
+
+def _transient(error: BaseException) -> bool:
+    return isinstance(error, grpc.RpcError) and error.code() in _RETRYABLE
 
 
 class WeightTransport(ABC):
@@ -100,8 +104,7 @@ class BrokerClient(WeightTransport):
         self.timeout = timeout
         self.stream_timeout = stream_timeout
         self.retries = retries
-        self.backoff = backoff
-        self.max_backoff = max_backoff
+        self.backoff = Backoff(backoff, cap=max_backoff, jitter=True)
         self._closed = False
         self._channel = channel(target)
         self._stub = broker_pb2_grpc.BrokerStub(self._channel)
@@ -159,18 +162,18 @@ class BrokerClient(WeightTransport):
                 call.cancel()
             # Ended (a clean end means the broker is draining) or failed: reconnect, backing off while it lasts.
             failures += 1
-            time.sleep(self._delay(failures))
+            time.sleep(self.backoff.delay(failures))
 
     def fetch_tensors(self, version: int) -> Iterator[tuple[str, torch.Tensor]]:
         state = _Fetch(version)
-        failures = 0
+        loop = Retry(self.backoff, attempts=self.retries)
         while True:
             offset = state.assembler.received if state.assembler is not None else 0
             request = broker_pb2.FetchRequest(run_id=self.run_id, version=version, offset=offset)
             call = self._fetch(request, timeout=self.stream_timeout)
             try:
                 for message in call:
-                    failures = 0
+                    loop.succeeded()
                     yield from self._receive(state, message)
                 if state.assembler is not None and state.assembler.complete:
                     return
@@ -183,14 +186,14 @@ class BrokerClient(WeightTransport):
                 failure = str(error)  # refused: fetch again from the last verified chunk
             finally:
                 call.cancel()
-            failures += 1
-            if failures > self.retries:
+            delay = loop.failed()
+            if delay is None:
                 raise errors.NotReady(
-                    f"fetch of version {version} from {self.target} failed {failures} times in a row "
+                    f"fetch of version {version} from {self.target} failed {loop.failures} times in a row "
                     f"(last: {failure}); check the broker's health and the network"
                 )
             log.warning("fetch interrupted; resuming", extra={"version": version, "offset": offset, "why": failure})
-            time.sleep(self._delay(failures))
+            time.sleep(delay)
 
     def close(self) -> None:
         self._closed = True
@@ -228,21 +231,14 @@ class BrokerClient(WeightTransport):
 
     def _call(self, method: str, fn: Callable[[], T]) -> T:
         """Run a unary or client-streaming call, retrying transient failures with backoff."""
-        for attempt in range(self.retries + 1):
-            try:
-                return fn()
-            except grpc.RpcError as error:
-                if error.code() not in _RETRYABLE or attempt == self.retries:
-                    raise self._error(method, error) from None
-                log.warning("%s failed (%s); retrying", method, error.code().name, extra={"target": self.target})
-                time.sleep(self._delay(attempt + 1))
-        raise AssertionError("unreachable")
 
-    def _delay(self, failures: int) -> float:
-        """Exponential backoff with jitter, capped."""
-        if failures <= 0:
-            return 0.05
-        return min(self.max_backoff, self.backoff * 2 ** (failures - 1)) * (0.5 + random.random() / 2)
+        def warn(error: BaseException, _: float) -> None:
+            log.warning("%s failed (%s); retrying", method, error.code().name, extra={"target": self.target})
+
+        try:
+            return retry(fn, Retry(self.backoff, attempts=self.retries), retry_on=_transient, on_retry=warn)
+        except grpc.RpcError as error:
+            raise self._error(method, error) from None
 
     def _error(self, method: str, error: grpc.RpcError) -> errors.CadenceError:
         cls = _ERRORS.get(error.code(), errors.CadenceError)

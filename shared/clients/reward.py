@@ -10,7 +10,6 @@ connection failures are retried with exponential backoff; other failures raise t
 
 from __future__ import annotations
 
-import asyncio
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
@@ -25,6 +24,7 @@ from cadence.errors import (
     TooLarge,
     Unauthenticated,
 )
+from cadence.retry import Backoff, Retry, aretry, retry
 
 if TYPE_CHECKING:
     import httpx
@@ -76,20 +76,42 @@ def _retry_after(response: httpx.Response, default: float) -> float:
         return default
 
 
+class _Again(Exception):
+    """A failure worth another attempt; `wait_at_least` is the server's `Retry-After` (429) or 0."""
+
+    def __init__(self, failure: CadenceError, wait_at_least: float = 0.0) -> None:
+        super().__init__(str(failure))
+        self.failure, self.wait_at_least = failure, wait_at_least
+
+
 class _Policy:
-    """Shared retry arithmetic of both clients."""
+    """The retry policy of both clients: `retries` retries, doubling from `backoff`, within one `timeout`."""
 
     def __init__(self, timeout: float, retries: int, backoff: float) -> None:
-        self.timeout, self.retries, self.backoff = timeout, retries, backoff
+        self.timeout, self.retries, self.backoff = timeout, retries, Backoff(backoff)
 
-    def pause(self, attempt: int, response: httpx.Response | None, deadline: float) -> float | None:
-        """Seconds to wait before the next attempt, or None when out of attempts or time."""
-        if attempt >= self.retries:
-            return None
-        delay = self.backoff * 2**attempt
-        if response is not None and response.status_code == 429:
-            delay = max(delay, _retry_after(response, delay))
-        return delay if time.monotonic() + delay < deadline else None
+    def loop(self) -> tuple[Retry, float]:
+        """A fresh retry loop for one call, and the call's deadline."""
+        deadline = time.monotonic() + self.timeout
+        return Retry(self.backoff, attempts=self.retries, deadline=deadline), deadline
+
+
+def _reply(response: httpx.Response) -> dict[str, Any]:
+    """The decoded reply; raises the typed error, wrapped in `_Again` when the status is worth a retry."""
+    if response.status_code < 400:
+        return response.json()
+    failure = _error(response)
+    if response.status_code not in _RETRY_STATUS:
+        raise failure
+    raise _Again(failure, _retry_after(response, 0.0) if response.status_code == 429 else 0.0)
+
+
+def _remaining(deadline: float) -> float:
+    return max(0.001, deadline - time.monotonic())
+
+
+def _wait_at_least(error: BaseException) -> float:
+    return error.wait_at_least if isinstance(error, _Again) else 0.0
 
 
 def _headers(api_key: str | None) -> dict[str, str]:
@@ -130,25 +152,18 @@ class RewardClient:
 
     def post(self, path: str, payload: dict[str, Any]) -> dict[str, Any]:
         """POST JSON with the retry policy; the decoded reply, or the typed error."""
-        deadline = time.monotonic() + self._policy.timeout
-        attempt = 0
-        while True:
-            response, failure = None, None
+        loop, deadline = self._policy.loop()
+
+        def attempt() -> dict[str, Any]:
             try:
-                remaining = max(0.001, deadline - time.monotonic())
-                response = self._client.post(path, json=payload, timeout=remaining)
-                if response.status_code < 400:
-                    return response.json()
-                failure = _error(response)
-                if response.status_code not in _RETRY_STATUS:
-                    raise failure
+                return _reply(self._client.post(path, json=payload, timeout=_remaining(deadline)))
             except self._httpx.TransportError as error:
-                failure = NotReady(f"reward service unreachable at {self._client.base_url}: {error!r}")
-            delay = self._policy.pause(attempt, response, deadline)
-            if delay is None:
-                raise failure
-            time.sleep(delay)
-            attempt += 1
+                raise _Again(NotReady(f"reward service unreachable at {self._client.base_url}: {error!r}")) from error
+
+        try:
+            return retry(attempt, loop, retry_on=_Again, at_least=_wait_at_least)
+        except _Again as again:
+            raise again.failure from again.__cause__
 
     def close(self) -> None:
         self._client.close()
@@ -188,25 +203,18 @@ class AsyncRewardClient:
             return False
 
     async def post(self, path: str, payload: dict[str, Any]) -> dict[str, Any]:
-        deadline = time.monotonic() + self._policy.timeout
-        attempt = 0
-        while True:
-            response, failure = None, None
+        loop, deadline = self._policy.loop()
+
+        async def attempt() -> dict[str, Any]:
             try:
-                remaining = max(0.001, deadline - time.monotonic())
-                response = await self._client.post(path, json=payload, timeout=remaining)
-                if response.status_code < 400:
-                    return response.json()
-                failure = _error(response)
-                if response.status_code not in _RETRY_STATUS:
-                    raise failure
+                return _reply(await self._client.post(path, json=payload, timeout=_remaining(deadline)))
             except self._httpx.TransportError as error:
-                failure = NotReady(f"reward service unreachable at {self._client.base_url}: {error!r}")
-            delay = self._policy.pause(attempt, response, deadline)
-            if delay is None:
-                raise failure
-            await asyncio.sleep(delay)
-            attempt += 1
+                raise _Again(NotReady(f"reward service unreachable at {self._client.base_url}: {error!r}")) from error
+
+        try:
+            return await aretry(attempt, loop, retry_on=_Again, at_least=_wait_at_least)
+        except _Again as again:
+            raise again.failure from again.__cause__
 
     async def aclose(self) -> None:
         await self._client.aclose()
