@@ -9,7 +9,7 @@ export CADENCE_HOME ?= $(CURDIR)/.cache/cadence
 export TORCH_EXTENSIONS_DIR ?= $(CADENCE_HOME)/torch_extensions
 export PATH := $(BIN):$(PATH)
 
-.PHONY: help setup system-deps run test test-slow proto lint bench bench-quick clean chart-tools chart-test chart-docs images
+.PHONY: help setup system-deps run test test-slow proto lint bench bench-quick clean chart-tools chart-test chart-docs images base-image test-containers
 
 help:  ## List the targets.
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
@@ -48,7 +48,7 @@ test-slow: setup  ## Long campaigns (fault injection, fuzzing, smollm2).
 	$(BIN)/pytest -q -m slow $(PYTEST_ARGS)
 
 proto: $(VENV)/.installed  ## Regenerate the gRPC stubs in shared/v1 from protos/.
-	$(BIN)/python -m cadence.app.protogen
+	$(BIN)/python -m cadence.protogen
 
 lint: $(VENV)/.installed  ## ruff check + format check.
 	$(BIN)/ruff check .
@@ -83,11 +83,36 @@ chart-test: setup chart-tools  ## Chart, images, compose and `cadence k8s` tests
 chart-docs: $(VENV)/.installed  ## Regenerate values.schema.json and the README values table from values.yaml.
 	$(BIN)/python charts/cadence/scripts/values_schema.py
 
-images:  ## Build the four service images (VARIANT=cpu|cuda; needs a Docker engine).
-	@command -v docker >/dev/null || { echo "make images needs a Docker engine (the docker CLI and daemon)"; exit 1; }
-	@set -e; for s in inference reward trainer broker; do \
-	  v=$(VARIANT); [ $$s = broker ] && v=cpu; \
-	  tag=$(IMAGE_TAG)$$( [ $$v = cpu ] || echo -$$v ); \
-	  echo "building $(IMAGE_REPO)-$$s:$$tag (VARIANT=$$v)"; \
-	  docker build -f services/$$s/Dockerfile --build-arg VARIANT=$$v -t $(IMAGE_REPO)-$$s:$$tag .; \
+# Images: `cadence-<service>:<tag>` (VARIANT=cpu) or `:<tag>-cuda` (VARIANT=cuda), all four services alike
+# (the broker has no GPU build: its one image gets both tags). docker if a daemon answers, else podman.
+ENGINE ?= $(shell for e in docker podman; do $$e info >/dev/null 2>&1 && { echo $$e; break; }; done)
+BASE_IMAGE ?=
+PIP_INDEX ?=
+PIP_EXTRA_INDEX ?=
+TORCH_INDEX ?=
+WHEELHOUSE ?=
+PIP_CERT ?=
+BUILD_FLAGS ?=
+SERVICES ?= broker reward inference trainer
+comma := ,
+IMAGE_SUFFIX := $(if $(filter cuda,$(VARIANT)),-cuda,)
+BUILD_ARGS = --build-arg VARIANT=$(VARIANT) \
+  $(foreach a,BASE_IMAGE PIP_INDEX PIP_EXTRA_INDEX TORCH_INDEX,$(if $($(a)),--build-arg $(a)=$($(a)))) \
+  $(if $(WHEELHOUSE),--build-context wheelhouse=$(WHEELHOUSE)) \
+  $(if $(PIP_CERT),--secret id=pip_cert$(comma)src=$(PIP_CERT)) \
+  $(if $(filter podman,$(ENGINE)),--format docker) $(BUILD_FLAGS)
+
+images:  ## Build the service images: VARIANT=cpu|cuda, IMAGE_TAG, BASE_IMAGE, PIP_INDEX, WHEELHOUSE, PIP_CERT (README).
+	@test -n "$(ENGINE)" || { echo "make images needs a container engine: a running Docker daemon or podman"; exit 1; }
+	@set -e; for s in $(SERVICES); do \
+	  image=$(IMAGE_REPO)-$$s:$(IMAGE_TAG)$(IMAGE_SUFFIX); \
+	  echo "building $$image with $(ENGINE)"; \
+	  $(ENGINE) build -f services/$$s/Dockerfile $(BUILD_ARGS) -t $$image .; \
 	done
+
+base-image:  ## A Debian base image built with debootstrap, for machines that cannot pull python:3.11-slim.
+	@test -n "$(ENGINE)" || { echo "make base-image needs a container engine: a running Docker daemon or podman"; exit 1; }
+	docker/base-image.sh $(ENGINE) $(or $(BASE_IMAGE),localhost/cadence-base:bookworm)
+
+test-containers: setup  ## Build the CPU images and run the compose stack as real containers (docker or podman).
+	CADENCE_CONTAINER_TESTS=1 $(BIN)/pytest -q tests/containers $(PYTEST_ARGS)

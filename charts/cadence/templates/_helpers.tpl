@@ -80,14 +80,16 @@ cadence.serviceAccountName: the ServiceAccount pods run as.
 {{- end }}
 
 {{/*
-cadence.image: a service image `<repository>-<component>:<tag>[@digest]`, with per-service overrides.
-Call with (dict "root" $ "component" "inference" "values" .Values.inference).
+cadence.image: a service image `<repository>-<component>:<tag>[@digest]`, the names `make images` tags
+(GPU clusters set the tag `<version>-cuda`, which it gives all four). A digest pins one image, so it is
+set per service (`<service>.image.digest`), never shared. Call with
+(dict "root" $ "component" "inference" "values" .Values.inference).
 */}}
 {{- define "cadence.image" -}}
 {{- $global := .root.Values.image }}
 {{- $repository := .values.image.repository | default (printf "%s-%s" $global.repository .component) }}
 {{- $tag := .values.image.tag | default $global.tag | default .root.Chart.AppVersion }}
-{{- printf "%s:%s" $repository $tag }}{{ with $global.digest }}@{{ . }}{{ end }}
+{{- printf "%s:%s" $repository $tag }}{{ with .values.image.digest }}@{{ . }}{{ end }}
 {{- end }}
 
 {{/*
@@ -326,7 +328,7 @@ cadence.workloadAnnotations: the checkov skips of a Cadence workload, each with 
 (README.md lists them). Call with (dict "root" $ "redis" true) for workloads that read Redis.
 */}}
 {{- define "cadence.workloadAnnotations" -}}
-{{ include "cadence.checkovSkip" (dict "n" 1 "check" "CKV_K8S_43" "why" "images are referenced by tag so one values file serves every release; set image.digest to pin digests") }}
+{{ include "cadence.checkovSkip" (dict "n" 1 "check" "CKV_K8S_43" "why" "images are referenced by tag so one values file serves every release; set <service>.image.digest to pin digests") }}
 {{- if and .redis (not .root.Values.redis.enabled) .root.Values.redis.external.existingSecret }}
 {{ include "cadence.checkovSkip" (dict "n" 2 "check" "CKV_K8S_35" "why" "CADENCE_REDIS_URL is read from the environment (pydantic-settings); the value stays in the referenced Secret, never in the manifest") }}
 {{- end }}
