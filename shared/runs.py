@@ -1,4 +1,7 @@
-"""Runs submitted to an already running fleet (`cadence run --attach`, `cadence k8s submit`).
+"""Runs submitted to an already running docker-compose fleet (`cadence run --attach`).
+
+On Kubernetes the chart's trainer always starts from its run ConfigMap (`cadence k8s submit`), never from
+this queue: one submission path per deployment.
 
 A submission is the run's config in its metadata hash plus its id on a queue. A trainer started without
 `--config` takes the next submission and marks it active; inference and reward workers started without

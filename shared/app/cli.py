@@ -193,7 +193,10 @@ def run(
     keep: Annotated[bool, typer.Option(help="Keep the run's Redis data after it ends.")] = False,
     attach: Annotated[
         bool,
-        typer.Option(help="Submit to services already running (docker-compose, Kubernetes) via CADENCE_REDIS_URL."),
+        typer.Option(
+            help="Submit to a docker-compose fleet already running, via CADENCE_REDIS_URL "
+            "(on Kubernetes the chart's trainer takes runs from `cadence k8s submit` only)."
+        ),
     ] = False,
 ) -> None:
     """Train: start Redis, broker, reward, inference and trainer locally, show progress, write the report.

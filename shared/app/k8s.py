@@ -285,6 +285,8 @@ def submit(
             name, namespace, trainer_patch(config, configmap, replicas), _content_type=SMP
         )
     result.patched.append(f"statefulset/{name}")
+    if rel.trainer.spec.replicas:
+        result.patched.append(_restart_trainer_pods(clients, rel))
     for service in ("inference", "reward"):
         with api_errors(f"list the {service} Deployment"):
             deployments = clients.apps.list_namespaced_deployment(namespace, label_selector=rel.selector(service)).items
@@ -296,6 +298,15 @@ def submit(
             result.patched.append(f"deployment/{deployment.metadata.name}")
     result.patched += _repoint_scaledobjects(clients, rel, config.run_id)
     return result
+
+
+def _restart_trainer_pods(clients: Clients, rel: Release) -> str:
+    """Delete every trainer pod at once: the chart's StatefulSet (updateStrategy OnDelete, Parallel) then
+    recreates them together from the patched template. A rolling update would replace one rank at a time,
+    and each replacement would break the torchrun group of the others."""
+    with api_errors(f"delete the trainer pods of release {rel.name}"):
+        clients.core.delete_collection_namespaced_pod(rel.namespace, label_selector=rel.selector("trainer"))
+    return f"pods/{rel.fullname}-trainer-*"
 
 
 def _store_configmap(clients: Clients, rel: Release, body: Any, replace: bool) -> str:

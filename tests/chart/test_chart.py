@@ -56,7 +56,14 @@ def env(c: dict[str, Any]) -> dict[str, Any]:
 
 
 def test_every_scenario_is_covered() -> None:
-    assert SCENARIOS == ["cpu-tiny", "external-redis", "gpu-multi-node-trainer", "gpu-single-node", "keda"]
+    assert SCENARIOS == [
+        "cpu-tiny",
+        "external-redis",
+        "gpu-multi-node-trainer",
+        "gpu-single-node",
+        "gpu-single-node-8gpu",
+        "keda",
+    ]
 
 
 def test_values_schema_and_readme_table_are_in_sync() -> None:
@@ -197,7 +204,8 @@ def test_gpu_scenarios_request_gpus(rendered: dict[str, list[dict]]) -> None:
 
 
 def test_gpu_resource_name_is_configurable(render_values) -> None:
-    docs = render_values({"gpu": {"resourceName": "amd.com/gpu"}, "trainer": {"gpus": 4}})
+    values = {"gpu": {"resourceName": "amd.com/gpu"}, "trainer": {"gpus": 4}, "models": {"parametersBillions": 1}}
+    docs = render_values(values)
     assert _gpus(find(docs, "StatefulSet", "rel-cadence-trainer"), "trainer", "amd.com/gpu") == (4, 4)
 
 
@@ -246,7 +254,7 @@ def test_required_settings_fail_with_the_fix(render_values) -> None:
     with pytest.raises(
         helm_python.HelmRenderError, match=r"inference.tensorParallelSize \(3\) must divide inference.gpus \(4\)"
     ):
-        render_values({"inference": {"gpus": 4, "tensorParallelSize": 3}})
+        render_values({"inference": {"gpus": 4, "tensorParallelSize": 3}, "models": {"parametersBillions": 1}})
     with pytest.raises(helm_python.HelmRenderError, match=r"needs both requests and limits"):
         render_values({"broker": {"resources": {"limits": None}}})  # null deletes the default
 
@@ -310,7 +318,7 @@ def test_keda_scales_on_the_run_streams(rendered: dict[str, list[dict]]) -> None
         (trigger,) = obj["spec"]["triggers"]
         assert trigger["type"] == "redis-streams"
         assert trigger["metadata"] == {
-            "address": "rel-cadence-redis:6379",
+            "address": "rel-cadence-redis.cadence.svc.cluster.local:6379",
             "stream": f"cadence:toy-dpo:{stream}",
             "consumerGroup": service,
             "lagCount": lag,
@@ -337,7 +345,7 @@ def test_network_policies_allow_only_the_paths_cadence_uses(rendered: dict[str, 
     assert sources("rel-cadence-trainer") == {"trainer"}
     assert not [d for d in docs if d["metadata"]["name"] == "rel-cadence-inference" and d["kind"] == "NetworkPolicy"]
     pdbs = {d["metadata"]["name"]: d["spec"] for d in docs if d["kind"] == "PodDisruptionBudget"}
-    assert pdbs["rel-cadence-trainer"]["maxUnavailable"] == 0 and len(pdbs) == 4
+    assert pdbs["rel-cadence-trainer"]["maxUnavailable"] == 1 and len(pdbs) == 4
 
 
 def test_inference_loads_models_from_a_pvc_or_a_seed_init_container(rendered: dict[str, list[dict]]) -> None:

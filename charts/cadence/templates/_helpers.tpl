@@ -275,15 +275,24 @@ cadence.cacheVolumes: writable paths under a read-only root filesystem: /tmp, th
 */}}
 {{- define "cadence.cacheVolumes" -}}
 - name: tmp
-  emptyDir: {}
+  emptyDir:
+    sizeLimit: {{ include "cadence.tmpSizeLimit" . }}
 - name: cache
-  emptyDir: {}
+  emptyDir:
+    sizeLimit: {{ .Values.scratch.cacheSizeLimit }}
 {{- with .Values.models.existingClaim }}
 - name: models
   persistentVolumeClaim:
     claimName: {{ . }}
     readOnly: true
 {{- end }}
+{{- end }}
+
+{{/*
+cadence.tmpSizeLimit: scratch.tmpSizeLimit, else room for one weight version (updates that miss /dev/shm) + 2 GiB.
+*/}}
+{{- define "cadence.tmpSizeLimit" -}}
+{{- .Values.scratch.tmpSizeLimit | default (include "cadence.gibCeil" (dict "bytes" (include "cadence.versionBytes" .) "extra" 2)) }}
 {{- end }}
 
 {{/*
@@ -340,4 +349,96 @@ README.md). Call with (dict "n" 1 "check" "CKV_K8S_43" "why" "...").
 */}}
 {{- define "cadence.checkovSkip" -}}
 checkov.io/skip{{ .n }}: {{ printf "%s=%s" .check .why | quote }}
+{{- end }}
+
+{{/*
+cadence.versionBytes: bytes of one published weight version: models.parametersBillions × 1e9 ×
+models.bytesPerParameter (64 MiB for the tiny seed model, parametersBillions 0). A GPU release must say
+how big its model is, so the broker and /tmp are never sized for the toy.
+*/}}
+{{- define "cadence.versionBytes" -}}
+{{- $m := .Values.models }}
+{{- $gpus := add (int .Values.inference.gpus) (int .Values.trainer.gpus) }}
+{{- if and (gt $gpus 0) (not $m.parametersBillions) (not .Values.broker.maxBytes) }}
+{{- fail "models.parametersBillions is required with GPUs (e.g. 8 for Llama-3.1-8B): it sizes the broker's byte budget, memory and volume; or set broker.maxBytes" }}
+{{- end }}
+{{- if $m.parametersBillions }}
+{{- mulf $m.parametersBillions 1e9 $m.bytesPerParameter | ceil | int64 }}
+{{- else }}
+{{- 67108864 }}
+{{- end }}
+{{- end }}
+
+{{/*
+cadence.brokerMaxBytes: the broker's byte budget: broker.maxBytes, else (retain + 1) versions (the retained
+ones plus the publish in flight), at least 1 GiB.
+*/}}
+{{- define "cadence.brokerMaxBytes" -}}
+{{- if .Values.broker.maxBytes }}
+{{- int64 .Values.broker.maxBytes }}
+{{- else }}
+{{- max (mul (add (int .Values.broker.retain) 1) (int64 (include "cadence.versionBytes" .))) 1073741824 }}
+{{- end }}
+{{- end }}
+
+{{/*
+cadence.gibCeil: a byte count rounded up to whole GiB, as a Kubernetes quantity. Call with (dict "bytes" N "extra" GiB).
+*/}}
+{{- define "cadence.gibCeil" -}}
+{{- printf "%dGi" (add (div (add (int64 .bytes) 1073741823) 1073741824) (int (.extra | default 0))) }}
+{{- end }}
+
+{{/*
+cadence.brokerResources: broker.resources with memory sized from the budget where not given: the in-memory
+store holds every version (budget + 1 GiB); the volume store streams chunks (2 GiB).
+*/}}
+{{- define "cadence.brokerResources" -}}
+{{- $v := .Values.broker }}
+{{- $memory := ternary "2Gi" (include "cadence.gibCeil" (dict "bytes" (include "cadence.brokerMaxBytes" .) "extra" 1)) $v.persistence.enabled }}
+{{- $resources := deepCopy ($v.resources | default dict) }}
+{{- range $key := list "requests" "limits" }}
+{{- with index $resources $key }}
+{{- $_ := set $resources $key (merge (deepCopy .) (dict "memory" $memory)) }}
+{{- end }}
+{{- end }}
+{{- include "cadence.resources" (dict "root" . "values" (dict "resources" $resources "gpus" 0) "name" "broker") }}
+{{- end }}
+
+{{/*
+cadence.hfTokenEnv: HF_TOKEN from models.hfToken.existingSecret (gated hub models), when set.
+*/}}
+{{- define "cadence.hfTokenEnv" -}}
+{{- with .Values.models.hfToken.existingSecret }}
+- name: HF_TOKEN
+  valueFrom:
+    secretKeyRef:
+      name: {{ . }}
+      key: {{ $.Values.models.hfToken.secretKey }}
+{{- end }}
+{{- end }}
+
+{{/*
+cadence.modelsWaitInit: with models.download.enabled, an init container that waits for every model's
+`.cadence-complete` marker (written by the download Job) on the read-only model claim.
+Call with (dict "root" $ "values" .Values.inference "component" "inference").
+*/}}
+{{- define "cadence.modelsWaitInit" -}}
+{{- $m := .root.Values.models }}
+{{- if $m.download.enabled }}
+{{- $markers := list }}
+{{- range $m.download.repos }}
+{{- $markers = append $markers (printf "%s/%s/.cadence-complete" $m.mountPath .) }}
+{{- end }}
+- name: wait-models
+  image: {{ include "cadence.image" . }}
+  imagePullPolicy: {{ .root.Values.image.pullPolicy }}
+  command: ["python", "-c", "import os, sys, time\nwhile not all(map(os.path.exists, sys.argv[1:])):\n    time.sleep(5)", {{ range $i, $p := $markers }}{{ if $i }}, {{ end }}{{ $p | quote }}{{ end }}]
+  resources:
+    requests: {cpu: 10m, memory: 64Mi}
+    limits: {cpu: 100m, memory: 128Mi}
+  securityContext:
+    {{- include "cadence.containerSecurityContext" .root | nindent 4 }}
+  volumeMounts:
+    {{- include "cadence.cacheMounts" .root | nindent 4 }}
+{{- end }}
 {{- end }}

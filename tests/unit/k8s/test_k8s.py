@@ -126,6 +126,25 @@ def test_submit_refuses_while_another_run_trains(api, clients, render, serve_rel
     assert api.writes() == []
 
 
+def test_replace_restarts_every_trainer_pod_at_once(api, clients, render, serve_release) -> None:
+    """The chart's trainer never rolls (OnDelete): --replace deletes all its pods, which come back together."""
+    objects = render({"trainer": {"replicas": 2}, "submitterRole": {"create": True}})
+    assert objects[("StatefulSet", "rel-cadence-trainer")]["spec"]["updateStrategy"] == {"type": "OnDelete"}
+    serve_release(objects)
+    api.route("POST", CONFIGMAPS, {"kind": "ConfigMap", "apiVersion": "v1", "metadata": {}}, 201)
+    api.route("DELETE", PODS, {"kind": "PodList", "apiVersion": "v1", "metadata": {}, "items": []})
+    result = k8s.submit(clients, _config(), NAMESPACE, replace=True)
+    deletes = [r for r in api.writes() if r.method == "DELETE"]
+    assert [(r.path, r.query["labelSelector"]) for r in deletes] == [
+        (PODS, ["app.kubernetes.io/name=cadence,app.kubernetes.io/instance=rel,app.kubernetes.io/component=trainer"])
+    ]
+    patches = [i for i, r in enumerate(api.writes()) if r.method == "PATCH" and "statefulsets" in r.path]
+    assert patches and patches[0] < api.writes().index(deletes[0]), "the template changes before the pods go"
+    assert "pods/rel-cadence-trainer-*" in result.patched
+    role = objects[("Role", "rel-cadence-submitter")]
+    assert any("deletecollection" in rule["verbs"] and "pods" in rule["resources"] for rule in role["rules"])
+
+
 def test_submit_of_a_known_run_id_needs_replace(api, clients, render, serve_release) -> None:
     """The chart's own run counts: resubmitting `toy-dpo` would reuse that run's streams."""
     objects = render({"run": {"autostart": False}})
@@ -295,7 +314,8 @@ def _rbac_need(method: str, path: str) -> tuple[str, str, str]:
     resource, named = rest[2], len(rest) > 3
     if len(rest) > 4:
         resource = f"{resource}/{rest[4]}"
-    verb = {"POST": "create", "PUT": "update", "PATCH": "patch"}.get(method, "get" if named else "list")
+    verbs = {"POST": "create", "PUT": "update", "PATCH": "patch", "DELETE": "delete" if named else "deletecollection"}
+    verb = verbs.get(method, "get" if named else "list")
     return group, resource, verb
 
 
