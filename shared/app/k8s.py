@@ -25,6 +25,7 @@ from typing import Any
 
 from cadence.config import RunConfig, dump_run_config
 from cadence.errors import ConfigError, Conflict, InvalidRequest, NotFound, NotReady, PermissionDenied
+from cadence.streams import stream_key
 
 RUN_ID = "cadence.dev/run-id"
 RUN_STATE = "cadence.dev/run-state"
@@ -250,7 +251,7 @@ def scaledobject_patch(scaled_object: dict, run_id: str) -> dict | None:
     triggers = [dict(trigger) for trigger in scaled_object["spec"]["triggers"]]
     for trigger in triggers:
         if trigger.get("type") == "redis-streams":
-            trigger["metadata"] = {**trigger["metadata"], "stream": f"cadence:{run_id}:{kind}"}
+            trigger["metadata"] = {**trigger["metadata"], "stream": stream_key(run_id, kind)}
     return {"spec": {"triggers": triggers}}
 
 

@@ -305,6 +305,9 @@ def test_reward_api_keys_service_ingress_hpa(rendered: dict[str, list[dict]]) ->
 
 
 def test_keda_scales_on_the_run_streams(rendered: dict[str, list[dict]]) -> None:
+    """The triggers watch the streams the workers read: the key and the group from `cadence.streams`."""
+    from cadence.streams import GROUPS, stream_key
+
     scaled = {d["metadata"]["name"]: d for d in rendered["keda"] if d["kind"] == "ScaledObject"}
     assert set(scaled) == {"rel-cadence-inference", "rel-cadence-reward"}
     for service, stream, lag in (("inference", "prompts", "32"), ("reward", "rollouts", "256")):
@@ -319,8 +322,8 @@ def test_keda_scales_on_the_run_streams(rendered: dict[str, list[dict]]) -> None
         assert trigger["type"] == "redis-streams"
         assert trigger["metadata"] == {
             "address": "rel-cadence-redis.cadence.svc.cluster.local:6379",
-            "stream": f"cadence:toy-dpo:{stream}",
-            "consumerGroup": service,
+            "stream": stream_key("toy-dpo", stream),
+            "consumerGroup": GROUPS[stream],
             "lagCount": lag,
         }
     redis_policy = find(rendered["keda"], "NetworkPolicy", "rel-cadence-redis")

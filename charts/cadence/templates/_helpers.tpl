@@ -136,6 +136,15 @@ cadence.runIdEnv: CADENCE_RUN_ID, the run whose streams a service works on (`cad
 {{- end }}
 
 {{/*
+cadence.streamKey: the Redis key of a run's stream, `cadence:{<run>}:<kind>` (the braces: a Redis Cluster
+hash tag). The chart's one copy of `cadence.streams.stream_key`; tests/chart/test_chart.py compares the two.
+Call with (dict "run" .Values.run.id "kind" "prompts").
+*/}}
+{{- define "cadence.streamKey" -}}
+{{- printf "cadence:{%s}:%s" .run .kind }}
+{{- end }}
+
+{{/*
 cadence.brokerAddr: host:port of the broker Service.
 */}}
 {{- define "cadence.brokerAddr" -}}

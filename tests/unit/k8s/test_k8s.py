@@ -15,6 +15,7 @@ import yaml
 from cadence.app import k8s, k8s_status
 from cadence.config import parse_run_config
 from cadence.errors import Conflict, InvalidRequest, NotFound, NotReady, PermissionDenied
+from cadence.streams import stream_key
 
 NAMESPACE = "cadence"
 REPO = Path(__file__).resolve().parents[3]
@@ -195,7 +196,7 @@ def test_submit_repoints_keda_at_the_new_streams(api, clients, render, serve_rel
         patch = patches[f"rel-cadence-{name}"]
         assert patch.content_type == k8s.MERGE_PATCH
         (trigger,) = patch.body["spec"]["triggers"]
-        assert trigger["metadata"]["stream"] == f"cadence:math-s4:{kind}"
+        assert trigger["metadata"]["stream"] == stream_key("math-s4", kind) == f"cadence:{{math-s4}}:{kind}"
         assert trigger["metadata"]["consumerGroup"] == group  # the rest of the trigger is kept
 
 
