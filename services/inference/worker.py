@@ -2,8 +2,11 @@
 
 For every prompt the loaded policy version must be ≥ the prompt's `min_version` (DESIGN.md §2). Prompts
 already allowed are generated first; for the rest the worker waits until the broker has a version that is
-new enough, fetches the newest one whole (every chunk and the whole payload sha256-verified) and only then
-loads it, so a broken fetch never leaves half-loaded weights. Outputs are written and inputs acknowledged in
+new enough. When the broker has a newer version that the prompts in hand allow (their `max_version`, the
+step's sync point), the worker takes it before generating, so with `async_lag` > 0 samples are as fresh as
+published weights allow, not always the oldest allowed. A sync fetches the newest version whole (every
+chunk and the whole payload sha256-verified) and only then loads it, so a broken fetch never leaves
+half-loaded weights. Outputs are written and inputs acknowledged in
 one atomic step (`StreamConsumer.forward`), so a crash loses nothing and writes nothing twice.
 
 A background thread follows the broker's `Watch` stream, so waiting for a version costs no polling. Another
@@ -79,6 +82,11 @@ class VersionWatcher:
         """Stop following (closing the transport ends the blocked watch call)."""
         self._closed.set()
         self.weights.close()
+
+    def newest(self) -> int:
+        """The newest published version seen so far; -1 before the first."""
+        with self._cond:
+            return self._newest.version if self._newest is not None else -1
 
     def wait_for(self, version: int, stop: threading.Event) -> common_pb2.VersionInfo | None:
         """The newest version once it is ≥ `version`; None if `stop` is set first."""
@@ -159,12 +167,35 @@ class RolloutWorker:
         written = 0
         with self.consumer.keep_alive(lambda: [entry.id for entry in self._held]):
             while self._held and not stop.is_set():
+                newer = self._newer_allowed()
+                if newer is not None:
+                    self._sync(newer, stop)
                 ready = [e for e in self._held if e.message.min_version <= self.engine.version]
                 if not ready:
                     self._sync(min(e.message.min_version for e in self._held), stop)
                     continue
-                written += self._generate(ready)
+                written += self._generate(self._first_stale(ready))
         return written
+
+    def _newer_allowed(self) -> int | None:
+        """A published version newer than the loaded one that every held prompt allows (`max_version` set and
+        ≥ it), or None. Taking it as soon as it exists keeps `async_lag` staleness low: a worker still at v0
+        would otherwise generate a whole later block at v0 after version s was published."""
+        newest = self.watcher.newest()
+        if newest <= self.engine.version:
+            return None
+        if all(e.message.HasField("max_version") and e.message.max_version >= newest for e in self._held):
+            return newest
+        return None
+
+    def _first_stale(self, ready: list[Entry[common_pb2.Prompt]]) -> list[Entry[common_pb2.Prompt]]:
+        """Of the ready prompts, those a newer published version would not be allowed for, when there are
+        any: they go first, so the rest can then be generated after syncing to that version."""
+        newest = self.watcher.newest()
+        if newest <= self.engine.version:
+            return ready
+        capped = [e for e in ready if not e.message.HasField("max_version") or e.message.max_version < newest]
+        return capped if 0 < len(capped) < len(ready) else ready
 
     def _sync(self, version: int, stop: threading.Event) -> None:
         """Load the newest published version once one is ≥ `version` (returns early when stopping)."""

@@ -1,9 +1,9 @@
 """The feeder: dataset → `prompts` stream under the cadence rule (DESIGN.md §2, `schedule.py`).
 
-Each prompt is tagged with the step t that will consume it and the schedule's `min_version` of t
-(s·⌊t/s⌋; 0 offline; L blocks lower with `async_lag` L). A step is enqueued when the schedule says it is
-releasable: block k once version k·s is published and never more than `max_inflight` steps ahead of the
-trainer; offline every step at once.
+Each prompt is tagged with the step t that will consume it and the versions t accepts: `max_version` its
+sync point s·⌊t/s⌋ (0 offline), `min_version` L blocks lower with `async_lag` L (= max_version when L is
+0). A step is enqueued when the schedule says it is releasable: block k once version k·s is published and
+never more than `max_inflight` steps ahead of the trainer; offline every step at once.
 
 Which problems step t gets is a pure function of (seed, t), so a restarted trainer re-derives the same
 batches; the position (`feeder_next_step`) is stored in the run's meta hash in the same Redis
@@ -20,7 +20,7 @@ from cadence import streams
 from cadence.config import RunConfig
 from cadence.logging import get_logger
 from cadence.tasks import Problem
-from cadence.trainer.schedule import Schedule
+from cadence.trainer.schedule import Schedule, VersionWindow
 from cadence.v1 import common_pb2
 
 if TYPE_CHECKING:
@@ -102,17 +102,17 @@ class PromptPlan:
     def prompts_for(self, step: int) -> list[common_pb2.Prompt]:
         """The `batch_prompts` prompts consumed at `step`, with their cadence tags."""
         batch = self.config.batch_prompts
-        min_version = self.schedule.min_version(step)
+        window = self.schedule.versions(step)
         prompts = []
         for task, quota in enumerate(step_quotas(self.weights, batch, step)):
             per_step = [step_quotas(self.weights, batch, t)[task] for t in range(step)] if quota else []
             first = sum(per_step)
             for j in range(quota):
                 problem = self._problem(task, first + j)
-                prompts.append(self._message(problem, step, min_version, len(prompts)))
+                prompts.append(self._message(problem, step, window, len(prompts)))
         return prompts
 
-    def _message(self, problem: Problem, step: int, min_version: int, slot: int) -> common_pb2.Prompt:
+    def _message(self, problem: Problem, step: int, window: VersionWindow, slot: int) -> common_pb2.Prompt:
         messages = [common_pb2.ChatMessage(**m) for m in problem.messages] if problem.messages else []
         return common_pb2.Prompt(
             run_id=self.run_id,
@@ -122,7 +122,8 @@ class PromptPlan:
             messages=messages,
             reference=problem.reference or "",
             step=step,
-            min_version=min_version,
+            min_version=window.oldest,
+            max_version=window.newest,
             sampling=self.sampling,
         )
 

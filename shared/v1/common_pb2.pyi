@@ -106,6 +106,7 @@ class Prompt(_message.Message):
     STEP_FIELD_NUMBER: _builtins.int
     MIN_VERSION_FIELD_NUMBER: _builtins.int
     SAMPLING_FIELD_NUMBER: _builtins.int
+    MAX_VERSION_FIELD_NUMBER: _builtins.int
     run_id: _builtins.str
     prompt_id: _builtins.str
     """unique within the run"""
@@ -119,6 +120,11 @@ class Prompt(_message.Message):
     """the optimizer step that will consume this prompt"""
     min_version: _builtins.int
     """lowest policy version allowed to generate it (cadence rule)"""
+    max_version: _builtins.int
+    """Highest policy version allowed to generate it: the step's sync point. When set, a worker holding an
+    older version syncs to a newer published one up to this (with async_lag > 0 staleness then shrinks
+    as soon as weights are published); unset (older feeders), a worker syncs only when min_version needs it.
+    """
     @_builtins.property
     def messages(self) -> _containers.RepeatedCompositeFieldContainer[Global___ChatMessage]:
         """the prompt as chat turns"""
@@ -137,12 +143,15 @@ class Prompt(_message.Message):
         step: _builtins.int = ...,
         min_version: _builtins.int = ...,
         sampling: Global___SamplingParams | None = ...,
+        max_version: _builtins.int | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["sampling", b"sampling"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_max_version", b"_max_version", "max_version", b"max_version", "sampling", b"sampling"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["messages", b"messages", "min_version", b"min_version", "prompt_id", b"prompt_id", "reference", b"reference", "run_id", b"run_id", "sampling", b"sampling", "step", b"step", "task", b"task", "text", b"text"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_max_version", b"_max_version", "max_version", b"max_version", "messages", b"messages", "min_version", b"min_version", "prompt_id", b"prompt_id", "reference", b"reference", "run_id", b"run_id", "sampling", b"sampling", "step", b"step", "task", b"task", "text", b"text"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
+    _WhichOneofReturnType__max_version: _TypeAlias = _typing.Literal["max_version"]  # noqa: Y015
+    _WhichOneofArgType__max_version: _TypeAlias = _typing.Literal["_max_version", b"_max_version"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__max_version) -> _WhichOneofReturnType__max_version | None: ...
 
 Global___Prompt: _TypeAlias = Prompt  # noqa: Y015
 

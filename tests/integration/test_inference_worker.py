@@ -75,10 +75,12 @@ def workers(untrained_tiny_model_dir: Path, redis_url: str, broker: str) -> Iter
         worker.close()
 
 
-def prompt(index: int, min_version: int = 0, sampling: common_pb2.SamplingParams = GREEDY) -> common_pb2.Prompt:
+def prompt(
+    index: int, min_version: int = 0, sampling: common_pb2.SamplingParams = GREEDY, max_version: int | None = None
+) -> common_pb2.Prompt:
     return common_pb2.Prompt(
         run_id=RUN, prompt_id=f"p{index}", task="math", text=f"What is {index}+1?", min_version=min_version,
-        sampling=sampling,
+        max_version=max_version, sampling=sampling,
     )  # fmt: skip
 
 
@@ -136,6 +138,24 @@ def test_min_version_rule_holds_a_prompt_until_its_version_is_loaded(
     assert list(held.prompt_token_ids) == expected.prompt_token_ids
     assert held.worker_id == "w0" and held.generation_seconds > 0
     assert group_pending(redis_url) == 0
+
+
+def test_a_worker_takes_the_newest_version_its_prompts_allow(
+    workers: Callable[..., RunningWorker], redis_url: str, broker: str, untrained_tiny_model_dir: Path
+) -> None:
+    """async_lag: prompts allowing versions 0..4 are generated at 4 once it is published (not at the oldest,
+    0, though 0 is loaded and allowed); a prompt capped at 0 in the same batch goes first, still at 0."""
+    running = workers("w0")
+    producer = StreamProducer(connect(redis_url), PROMPTS_KEY)
+    producer.add_many([prompt(0, max_version=4)])
+    wait_until(lambda: len(rollouts(redis_url)) == 1, what="the first prompt")
+    BrokerClient(broker, RUN).publish(weights(untrained_tiny_model_dir, 4), 4)
+    wait_until(lambda: running.worker.watcher.newest() == 4, what="the worker to see version 4")
+    producer.add_many([prompt(1, max_version=4), prompt(2, max_version=0), prompt(3, max_version=4)])
+    wait_until(lambda: len(rollouts(redis_url)) == 4, what="the three prompts")
+    versions = [(r.prompt.prompt_id, r.policy_version) for r in rollouts(redis_url)]
+    assert versions == [("p0", 0), ("p2", 0), ("p1", 4), ("p3", 4)]
+    assert running.engine.version == 4 and group_pending(redis_url) == 0
 
 
 def test_two_workers_share_a_stream_without_loss_or_duplicates(

@@ -28,6 +28,9 @@ def test_plan_is_a_pure_function_of_seed_and_step() -> None:
     assert [p.prompt_id for p in first.prompts_for(3)] == [p.prompt_id for p in second.prompts_for(3)]
     prompts = first.prompts_for(3)
     assert len(prompts) == 4 and {p.step for p in prompts} == {3} and {p.min_version for p in prompts} == {2}
+    assert {p.max_version for p in prompts} == {2}
+    lagged = PromptPlan(run_config(sync_every=2, async_lag=1, tasks=[{"name": "toy", "limit": 10}]), problems, "r")
+    assert {(p.min_version, p.max_version) for p in lagged.prompts_for(5)} == {(2, 4)}
     assert prompts[0].sampling.n == config.sampling.n and prompts[0].task == "math" and prompts[0].reference
     # 10 problems, 4 per step: steps 0–1 and half of step 2 make the first epoch, each problem once.
     seen = [p.prompt_id.split(":", 1)[1] for t in range(3) for p in first.prompts_for(t)][:10]
