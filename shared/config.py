@@ -54,12 +54,16 @@ class DPOConfig(_Strict):
     """Direct Preference Optimisation on pairs chosen from each prompt's samples."""
 
     type: Literal["dpo"] = "dpo"
-    beta: float = Field(0.1, gt=0)
-    """KL strength; the paper: 0.1 verifiable, 0.01 non-verifiable."""
+    beta: float | None = Field(None, gt=0)
+    """KL strength; null: by task kind, the paper's 0.1 when every task is verifiable (math), else 0.01
+    (chat only, and the paper's mixed recipe)."""
     length_normalize: bool = False
     """Average instead of sum the log-probs over tokens."""
     nll_coef: float = Field(0.0, ge=0)
     """Weight of an extra NLL term on chosen responses."""
+    nll_reduction: Literal["token_mean", "sequence_sum"] = "token_mean"
+    """`token_mean`: NLL ÷ response length (Cadence's default); `sequence_sum`: summed over the response's
+    tokens (the paper's code). A coefficient tuned for one does not carry over to the other."""
     group: bool = False
     """GroupDPO: use every correct × incorrect pair of a prompt, not one random pair."""
     grpo_coef: float = Field(0.0, ge=0)
@@ -74,8 +78,10 @@ class GRPOConfig(_Strict):
     clip_eps: float = Field(0.2, gt=0)
     std_normalize: bool = False
     """Divide advantages by the group's std (+ε)."""
-    aggregation: Literal["grpo", "bnpo", "dr_grpo"] = "dr_grpo"
-    """How token losses are averaged; `dr_grpo` has no length normalisation (the paper's choice)."""
+    aggregation: Literal["grpo", "bnpo", "dr_grpo", "seq_mean_token_sum"] = "dr_grpo"
+    """How token losses are reduced: `grpo`, `bnpo`, `dr_grpo` as TRL defines them (`dr_grpo`: sum ÷
+    (B × max_tokens)); `seq_mean_token_sum`: sum per rollout, mean over rollouts, the paper's (no length
+    normalisation, no max_tokens constant)."""
 
 
 Algorithm = Annotated[DPOConfig | GRPOConfig, Field(discriminator="type")]
@@ -95,7 +101,8 @@ class OptimizerConfig(_Strict):
     """AdamW. A large ε (1e-4) prevents sudden DPO collapse (the paper's stability finding)."""
 
     lr: float = Field(1e-6, gt=0)
-    eps: float = Field(1e-4, gt=0)
+    eps: float | None = Field(None, gt=0)
+    """null: by task kind, the paper's 1e-4 when every task is verifiable (math), else 1e-8."""
     betas: tuple[float, float] = (0.9, 0.999)
     weight_decay: float = Field(0.0, ge=0)
     grad_clip: float = Field(0.1, gt=0)
@@ -159,6 +166,14 @@ class RunConfig(_Strict):
     """Reward model for `chat` tasks: a directory, a hub id, or `tiny-rm` (built locally)."""
     entropy_coef: float = Field(0.0, ge=0)
     """Weight of an entropy bonus."""
+    entropy_reduction: Literal["token_mean", "rollout_sum"] = "token_mean"
+    """`token_mean`: the batch's mean token entropy (Cadence's default); `rollout_sum`: each rollout's mean
+    token entropy summed over rollouts ÷ prompts (the paper's code, where coefficients 1e-4 … 5e-4 apply)."""
+    micro_batch_tokens: int = Field(8192, ge=16)
+    """Padded tokens (prompt + completion) per forward/backward pass on one rank: a rank's shard is cut into
+    micro-batches of at most this many tokens whose gradients accumulate into one optimizer step (a sequence
+    longer than this is a micro-batch alone). The default is sized for the paper's configs: an 8B model
+    with a 128k vocabulary holds ~2 GB of bf16 logits per 8192 tokens; lower it if activations do not fit."""
     sampling: SamplingConfig = Field(default_factory=SamplingConfig)
     optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig)
     deepspeed: DeepSpeedConfig = Field(default_factory=DeepSpeedConfig)
@@ -180,6 +195,26 @@ class RunConfig(_Strict):
         if isinstance(value, int) and value < 1:
             raise ValueError("ref_sync_every must be >= 1, null (fixed seed reference) or 'auto'")
         return value
+
+    @model_validator(mode="after")
+    def _defaults_by_task_kind(self) -> RunConfig:
+        """β and AdamW ε left null take the paper's values for the run's tasks (DESIGN.md §5)."""
+        math_only = self.task_kinds == {"math"}
+        if isinstance(self.algorithm, DPOConfig) and self.algorithm.beta is None:
+            self.algorithm.beta = 0.1 if math_only else 0.01
+        if self.optimizer.eps is None:
+            self.optimizer.eps = 1e-4 if math_only else 1e-8
+        return self
+
+    @model_validator(mode="after")
+    def _micro_batches_are_cadences(self) -> RunConfig:
+        owned = {"train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps"}
+        if clash := sorted(owned & set(self.deepspeed.extra)):
+            raise ValueError(
+                f"deepspeed.extra sets {', '.join(clash)}: micro-batches and gradient accumulation follow "
+                "micro_batch_tokens (tokens per forward/backward on one rank); set that instead"
+            )
+        return self
 
     @model_validator(mode="after")
     def _chat_needs_a_reward_model(self) -> RunConfig:

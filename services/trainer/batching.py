@@ -104,3 +104,22 @@ def grpo_advantages(rewards: Sequence[float], *, std_normalize: bool = False, ep
         return centred
     std = (sum(c * c for c in centred) / len(centred)) ** 0.5
     return [c / (std + eps) for c in centred]
+
+
+def micro_batches(lengths: Sequence[int], budget: int, per_item: int = 1) -> list[list[int]]:
+    """Item indices grouped into micro-batches of at most `budget` padded tokens each.
+
+    An item is `per_item` sequences (a DPO pair: 2) of up to `lengths[i]` tokens; a micro-batch of k items
+    pads to k · per_item · its longest length. Items are taken shortest first (less padding; the update's
+    result does not depend on the order), and an item over the budget on its own forms a micro-batch alone.
+    """
+    batches: list[list[int]] = []
+    current: list[int] = []
+    for index in sorted(range(len(lengths)), key=lambda i: lengths[i]):
+        if current and (len(current) + 1) * per_item * lengths[index] > budget:
+            batches.append(current)
+            current = []
+        current.append(index)
+    if current:
+        batches.append(current)
+    return batches

@@ -25,7 +25,7 @@ from cadence.errors import ConfigError
 from cadence.logging import get_logger
 from cadence.net import free_port
 from cadence.paths import cadence_home
-from cadence.trainer.losses import entropy_of
+from cadence.trainer.logprobs import selective_stats
 from cadence.trainer.schedule import Schedule
 
 try:
@@ -62,7 +62,12 @@ def _skip_shm_op() -> None:
 
 
 def deepspeed_config(config: RunConfig, bf16: bool) -> dict[str, Any]:
-    """The DeepSpeed JSON config for a run; `config.deepspeed.extra` is merged on top (nested dicts merged)."""
+    """The DeepSpeed JSON config for a run; `config.deepspeed.extra` is merged on top (nested dicts merged).
+
+    Micro-batch size and accumulation steps stay 1: Cadence sizes micro-batches in tokens
+    (`micro_batch_tokens`) and marks the accumulation boundary itself (`TrainEngine.backward`); the run
+    config refuses them in `extra`.
+    """
     ds: dict[str, Any] = {
         "train_micro_batch_size_per_gpu": 1,
         "gradient_accumulation_steps": 1,
@@ -141,18 +146,14 @@ def token_stats(
 
     Prompt and padding positions are zero in `mask`, so they never enter a loss. The entropy keeps its
     graph only with `entropy_grad` (an entropy bonus); otherwise it is a metric and costs no memory. Frozen
-    models (reference, π_old) skip it (`entropy=False`, zeros): only the policy's entropy is watched.
+    models (reference, π_old) skip it (`entropy=False`, zeros): only the policy's entropy is watched. The
+    fp32 log-softmax is taken in chunks of positions (`cadence.trainer.logprobs`), never for the whole batch.
     """
     logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits[:, :-1]
-    targets = batch.input_ids[:, 1:]
-    all_logps = torch.log_softmax(logits.float(), dim=-1)  # one pass over the vocabulary serves both
-    logps = all_logps.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
-    mask = batch.completion_mask[:, 1:].to(logps.dtype)
-    if not entropy:
-        return TokenStats(logps * mask, torch.zeros_like(logps), mask)
-    with torch.set_grad_enabled(entropy_grad and torch.is_grad_enabled()):
-        entropies = entropy_of(all_logps if entropy_grad else all_logps.detach())
-    return TokenStats(logps * mask, entropies * mask, mask)
+    mask = batch.completion_mask[:, 1:]
+    grad = entropy_grad and torch.is_grad_enabled()
+    logps, entropies = selective_stats(logits, batch.input_ids[:, 1:], mask, entropy=entropy, entropy_grad=grad)
+    return TokenStats(logps, entropies, mask.to(logps.dtype))
 
 
 class TrainEngine:
@@ -231,16 +232,29 @@ class TrainEngine:
         model = self.old_policy if self.old_policy is not None else self.reference
         return token_stats(model, batch.to(self.device), entropy=False)
 
-    def step(self, loss: torch.Tensor) -> float:
-        """Backward, clip, optimizer and scheduler step (*collective*). Returns the global grad norm."""
+    def backward(self, loss: torch.Tensor, *, last: bool) -> None:
+        """Accumulate one micro-batch's gradients (*collective* under ZeRO ≥ 2: every rank runs as many).
+
+        The micro-batch count varies from step to step (micro-batches are sized in tokens), so instead of
+        DeepSpeed's fixed `gradient_accumulation_steps` the caller says which backward is the `last` of the
+        step (DeepSpeed's `set_gradient_accumulation_boundary`: gradients are reduced across ranks there)
+        and scales each micro-batch's loss by the whole step's normaliser itself.
+        """
         if deepspeed is None:
-            self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
+            return
+        self.engine.set_gradient_accumulation_boundary(last)
+        self.engine.backward(loss)
+
+    def step(self) -> float:
+        """Clip, optimizer and scheduler step on the accumulated gradients (*collective*). Returns the
+        global grad norm."""
+        if deepspeed is None:
             norm = torch.nn.utils.clip_grad_norm_(self.module.parameters(), self.config.optimizer.grad_clip)
             self.optimizer.step()
             self.scheduler.step()
+            self.optimizer.zero_grad(set_to_none=True)
             return float(norm)
-        self.engine.backward(loss)
         norm = None
         if self.config.deepspeed.zero_stage == 0:  # DeepSpeed records the norm only for ZeRO ≥ 1
             grads = [p.grad for p in self.module.parameters() if p.grad is not None]

@@ -1,4 +1,4 @@
-"""Training objectives as pure functions of tensors: DPO (and its variants), GRPO, entropy, DPO + α·GRPO.
+"""Training objectives as pure functions of tensors: DPO (and its variants), GRPO, the entropy bonus.
 
 Nothing here knows about models, streams or DeepSpeed: the loop computes log-probs, picks pairs or
 advantages (`cadence.trainer.batching`) and hands tensors to these functions. Each function cites the
@@ -8,14 +8,18 @@ for LLMs" (Lanchantin et al., 2025, https://arxiv.org/abs/2506.21495), the paper
 
 from __future__ import annotations
 
+from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
 import torch.nn.functional as F
 
-Aggregation = Literal["grpo", "bnpo", "dr_grpo"]
-AGGREGATIONS: tuple[str, ...] = ("grpo", "bnpo", "dr_grpo")
+Aggregation = Literal["grpo", "bnpo", "dr_grpo", "seq_mean_token_sum"]
+AGGREGATIONS: tuple[str, ...] = ("grpo", "bnpo", "dr_grpo", "seq_mean_token_sum")
+NllReduction = Literal["token_mean", "sequence_sum"]
+EntropyReduction = Literal["token_mean", "rollout_sum"]
 
 
 @dataclass
@@ -26,15 +30,16 @@ class LossOutput:
     metrics: dict[str, float] = field(default_factory=dict)
 
 
-def _mean_per_group(values: torch.Tensor, groups: torch.Tensor | None) -> torch.Tensor:
-    """Mean of `values`; with `groups` (one id per element) first within each group, then over groups."""
-    if groups is None:
-        return values.mean()
-    _, inverse = torch.unique(groups, return_inverse=True)
-    count = int(inverse.max().item()) + 1
-    sums = torch.zeros(count, dtype=values.dtype, device=values.device).index_add(0, inverse, values)
-    sizes = torch.zeros(count, dtype=values.dtype, device=values.device).index_add(0, inverse, torch.ones_like(values))
-    return (sums / sizes).mean()
+def group_weights(
+    groups: Sequence[int], device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32
+) -> torch.Tensor:
+    """Each element's weight in a mean within its group, then over groups (GroupDPO); sums to 1.
+
+    Built from plain ids straight on `device` (the logits' device): a weight tensor on another device than
+    the per-pair losses cannot be combined with them.
+    """
+    sizes = Counter(groups)
+    return torch.tensor([1.0 / (len(sizes) * sizes[g]) for g in groups], dtype=dtype, device=device)
 
 
 def dpo_loss(
@@ -48,7 +53,8 @@ def dpo_loss(
     rejected_lengths: torch.Tensor | None = None,
     length_normalize: bool = False,
     nll_coef: float = 0.0,
-    pair_groups: torch.Tensor | None = None,
+    nll_reduction: NllReduction = "token_mean",
+    pair_weights: torch.Tensor | None = None,
 ) -> LossOutput:
     """Sigmoid DPO on sequence-level log-probs, with the length-normalised, +NLL and GroupDPO variants.
 
@@ -63,10 +69,15 @@ def dpo_loss(
     Variants (each off by default):
     - `length_normalize`: log-probs are divided by the response length (SimPO-style average, Meng et al.
       2024, https://arxiv.org/abs/2405.14734) so long answers are not favoured just for having more tokens.
-    - `nll_coef`: adds `coef · NLL(chosen) / length` as in Iterative RPO (Pang et al. 2024,
+    - `nll_coef`: adds an NLL term on the chosen response as in Iterative RPO (Pang et al. 2024,
       https://arxiv.org/abs/2404.19733), which keeps the chosen answers' likelihood from falling.
-    - `pair_groups`: one prompt id per pair; the loss is the mean over each prompt's pairs, then over
-      prompts (GroupDPO: every correct × incorrect pair of a prompt counts, every prompt weighs the same).
+      `nll_reduction` `token_mean` (Cadence's default): `coef · NLL(chosen) / length`; `sequence_sum`
+      (the paper's code, fairseq2's online DPO): `coef · NLL(chosen)` summed over the response's tokens, so
+      a coefficient tuned for one does not carry over to the other (they differ by the response length).
+    - `pair_weights`: each pair's weight in the loss (default 1/B, the mean); `group_weights` of the pairs'
+      prompt ids gives GroupDPO (every correct × incorrect pair of a prompt counts, every prompt weighs the
+      same). A micro-batch passes its slice of the whole batch's weights, so micro-batch losses add up to
+      the batch loss.
 
     Args:
         policy_chosen_logps, policy_rejected_logps: [B] summed token log-probs under the policy.
@@ -75,7 +86,8 @@ def dpo_loss(
         chosen_lengths, rejected_lengths: [B] response token counts; needed by `length_normalize` and NLL.
         length_normalize: average instead of sum the log-probs.
         nll_coef: weight of the NLL term on chosen responses (0 turns it off; ~1 in Iterative RPO).
-        pair_groups: [B] prompt ids for GroupDPO averaging.
+        nll_reduction: `token_mean` or `sequence_sum` (the paper's), see above.
+        pair_weights: [B] weights of the pairs in the loss, on the log-probs' device (moved there if not).
 
     Returns:
         `LossOutput` with the mean loss and metrics `chosen_rewards`, `rejected_rewards`, `margin`
@@ -99,10 +111,15 @@ def dpo_loss(
     nll = torch.zeros((), dtype=per_pair.dtype, device=per_pair.device)
     if nll_coef > 0:
         assert chosen_lengths is not None
-        per_pair_nll = -policy_chosen_logps / chosen_lengths.clamp(min=1)
+        per_pair_nll = -policy_chosen_logps
+        if nll_reduction == "token_mean":
+            per_pair_nll = per_pair_nll / chosen_lengths.clamp(min=1)
         per_pair = per_pair + nll_coef * per_pair_nll
         nll = per_pair_nll.detach().mean()
-    loss = _mean_per_group(per_pair, pair_groups)
+    if pair_weights is None:
+        loss = per_pair.mean()
+    else:
+        loss = (per_pair * pair_weights.to(per_pair.device, per_pair.dtype)).sum()
     metrics = {
         "chosen_rewards": chosen_rewards.detach().mean().item(),
         "rejected_rewards": rejected_rewards.detach().mean().item(),
@@ -126,20 +143,41 @@ def k3_kl(logps: torch.Tensor, ref_logps: torch.Tensor) -> torch.Tensor:
     return torch.exp(diff) - diff - 1
 
 
-def aggregate_tokens(
-    token_losses: torch.Tensor, mask: torch.Tensor, aggregation: Aggregation, max_len: int | None = None
-) -> torch.Tensor:
-    """Reduce [B, T] token losses to a scalar: `grpo`, `bnpo` or `dr_grpo` (see `grpo_loss`)."""
-    mask = mask.to(token_losses.dtype)
+def sequence_weights(aggregation: Aggregation, lengths: torch.Tensor, max_len: int | None = None) -> torch.Tensor:
+    """[B] weights `w` with `aggregate_tokens(...) = Σ_i w_i · Σ_t loss_it` for completion lengths [B].
+
+    Computed once for a whole batch, they let micro-batches add up to the batch loss exactly: each
+    micro-batch sums its sequences' token losses times its slice of `w`.
+    """
+    n = lengths.shape[0]
+    lengths = lengths.to(torch.float32)
     if aggregation == "grpo":
-        per_seq = (token_losses * mask).sum(-1) / mask.sum(-1).clamp(min=1)
-        return per_seq.mean()
+        return 1.0 / (n * lengths.clamp(min=1))
     if aggregation == "bnpo":
-        return (token_losses * mask).sum() / mask.sum().clamp(min=1)
+        return torch.full_like(lengths, 1.0) / lengths.sum().clamp(min=1)
     if aggregation == "dr_grpo":
-        length = max_len if max_len is not None else mask.shape[-1]
-        return (token_losses * mask).sum() / (mask.shape[0] * length)
+        if max_len is None:
+            raise ValueError("dr_grpo divides by B × max_len: pass max_len (the sampling max_tokens)")
+        return torch.full_like(lengths, 1.0 / (n * max_len))
+    if aggregation == "seq_mean_token_sum":
+        return torch.full_like(lengths, 1.0 / n)
     raise ValueError(f"unknown aggregation {aggregation!r}; use one of {', '.join(AGGREGATIONS)}")
+
+
+def aggregate_tokens(
+    token_losses: torch.Tensor,
+    mask: torch.Tensor,
+    aggregation: Aggregation,
+    max_len: int | None = None,
+    seq_weights: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Reduce [B, T] token losses to a scalar (see `grpo_loss` for each aggregation); `seq_weights`, a
+    micro-batch's slice of the whole batch's `sequence_weights`, replaces the weights of this batch alone."""
+    mask = mask.to(token_losses.dtype)
+    if seq_weights is None:
+        seq_weights = sequence_weights(aggregation, mask.sum(-1), max_len if max_len is not None else mask.shape[-1])
+    per_seq = (token_losses * mask).sum(-1)
+    return (per_seq * seq_weights.to(per_seq.device, per_seq.dtype)).sum()
 
 
 def grpo_loss(
@@ -155,6 +193,7 @@ def grpo_loss(
     max_len: int | None = None,
     behavior_logps: torch.Tensor | None = None,
     tis_cap: float | None = None,
+    seq_weights: torch.Tensor | None = None,
 ) -> LossOutput:
     """Token-level PPO-clipped policy gradient with a k3 KL penalty: GRPO and its aggregations.
 
@@ -164,12 +203,17 @@ def grpo_loss(
     `π/π_old` from moving more than `clip_eps` in the advantage's direction; a k3 KL term keeps π near
     π_ref. Per token: `−min(ρ·A, clip(ρ, 1−ε, 1+ε)·A) + β·k3`.
 
-    Aggregation of the [B, T] token losses:
+    Aggregation of the [B, T] token losses (`grpo`, `bnpo`, `dr_grpo` exactly as TRL's `loss_type`):
     - `grpo`: mean over each sequence's tokens, then over sequences (the original; short answers weigh more
       per token, which biases towards short correct and long wrong answers);
     - `bnpo`: mean over all tokens of the batch;
     - `dr_grpo`: sum over tokens ÷ (B × max completion length), Liu et al., "Understanding R1-Zero-Like
-      Training" (2025, https://arxiv.org/abs/2503.20783): no length normalisation (the paper's choice).
+      Training" (2025, https://arxiv.org/abs/2503.20783): no length normalisation, but a constant that
+      scales the loss by 1/max_tokens;
+    - `seq_mean_token_sum`: sum over each rollout's tokens, mean over rollouts — the paper's reduction
+      (Lanchantin et al. 2025, no length normalisation; fairseq2's online GRPO with
+      `length_normalization` off; verl's `seq-mean-token-sum`). It is `dr_grpo` × max_tokens: with Adam in
+      its ε-dominated regime (ε 1e-4, clip 0.1) that scale changes the update, so the paper configs use this.
 
     Truncated importance sampling (Yao et al., "Your Efficient RL Framework Secretly Brings You Off-Policy
     RL Training", 2025): when a sample was generated by an older `behavior` policy than `old` (only with
@@ -183,9 +227,11 @@ def grpo_loss(
         mask: [B, T] 1 on completion tokens, 0 on padding.
         clip_eps: PPO clip range, typically 0.1–0.3.
         kl_beta: KL weight; the paper uses 0.001.
-        aggregation: `grpo`, `bnpo` or `dr_grpo`.
+        aggregation: `grpo`, `bnpo`, `dr_grpo` or `seq_mean_token_sum` (the paper's).
         max_len: the constant of `dr_grpo` (the sampling `max_tokens`); default: T.
         behavior_logps, tis_cap: enable truncated importance weights (both or neither).
+        seq_weights: [B] this micro-batch's slice of the whole batch's `sequence_weights` (default: this
+            batch's own), so micro-batch losses add up to the batch loss.
 
     Returns:
         `LossOutput` with the loss and metrics `kl` (mean k3 per token), `clip_fraction` (share of tokens
@@ -204,7 +250,7 @@ def grpo_loss(
     if behavior_logps is not None:
         weights = torch.exp(old_logps - behavior_logps).clamp(max=tis_cap).detach()
     token_losses = weights * policy_term + kl_beta * kl
-    loss = aggregate_tokens(token_losses, mask, aggregation, max_len)
+    loss = aggregate_tokens(token_losses, mask, aggregation, max_len, seq_weights)
     tokens = mask_f.sum().clamp(min=1)
     metrics = {
         "kl": ((kl.detach() * mask_f).sum() / tokens).item(),
@@ -215,34 +261,37 @@ def grpo_loss(
     return LossOutput(loss, metrics)
 
 
-def token_entropy(logits: torch.Tensor) -> torch.Tensor:
-    """Entropy `−Σ p log p` of each position's next-token distribution: [B, T, V] → [B, T]."""
-    return entropy_of(torch.log_softmax(logits.float(), dim=-1))
+def entropy_weights(reduction: EntropyReduction, lengths: torch.Tensor, prompts: int) -> torch.Tensor:
+    """[B] weights `w` with `entropy_bonus = −coef · Σ_i w_i · Σ_t H_it` for completion lengths [B].
+
+    - `token_mean` (Cadence's default): the mean token entropy of the batch, `w_i = 1 / Σ lengths`;
+    - `rollout_sum` (the paper's code, fairseq2's online GRPO): each rollout's mean token entropy, summed
+      over rollouts and divided by the number of prompts (the loss's normaliser), `w_i = 1 / (len_i · prompts)`
+      — about n (samples per prompt) times `token_mean`, so the paper's coefficients (1e-4 … 5e-4) carry
+      over only with this reduction.
+    """
+    lengths = lengths.to(torch.float32)
+    if reduction == "token_mean":
+        return torch.full_like(lengths, 1.0) / lengths.sum().clamp(min=1)
+    if reduction == "rollout_sum":
+        return 1.0 / (lengths.clamp(min=1) * max(prompts, 1))
+    raise ValueError(f"unknown entropy reduction {reduction!r}; use token_mean or rollout_sum")
 
 
-def entropy_of(logp: torch.Tensor) -> torch.Tensor:
-    """`token_entropy` from log-probabilities already computed (saves a second log-softmax over the vocabulary)."""
-    return -(logp.exp() * logp).sum(-1)
-
-
-def entropy_bonus(entropy: torch.Tensor, mask: torch.Tensor, coef: float) -> torch.Tensor:
-    """`−coef · mean token entropy` over completion tokens, added to the loss to slow entropy collapse.
+def entropy_bonus(
+    entropy: torch.Tensor, mask: torch.Tensor, coef: float, seq_weights: torch.Tensor | None = None
+) -> torch.Tensor:
+    """`−coef · Σ_i w_i Σ_t H_it` over completion tokens, added to the loss to slow entropy collapse.
 
     Entropy regularisation (Williams & Peng 1991; Mnih et al. 2016, https://arxiv.org/abs/1602.01783):
     RL on LLMs tends to sharpen the policy until it samples one answer (entropy → 0), which ends
     exploration — the paper reports entropy and length collapse for DPO. Rewarding entropy counteracts
-    it. Takes the per-token entropies (`token_entropy`, computed next to the log-probs so the [B, T, V]
-    logits need not be kept) and the [B, T] completion mask.
+    it. Takes the per-token entropies (`cadence.trainer.logprobs`, computed next to the log-probs so the
+    [B, T, V] logits need not be kept), the [B, T] completion mask and `entropy_weights` (default: `token_mean`
+    over this batch, the mean token entropy).
     """
     mask_f = mask.to(entropy.dtype)
-    return -coef * (entropy * mask_f).sum() / mask_f.sum().clamp(min=1)
-
-
-def combined_loss(dpo: torch.Tensor, grpo: torch.Tensor, alpha: float) -> torch.Tensor:
-    """DPO + α·GRPO on the same samples: a Cadence variant (DESIGN.md §5) beyond the paper's main runs.
-
-    Lanchantin et al. (2025) find DPO and GRPO reach similar results with different dynamics: DPO's
-    pairwise signal only sees the best and worst sample of a prompt, GRPO's group-relative signal uses
-    every sample. Adding them lets GRPO's per-sample signal regularise DPO; α (≈0.1–1) sets its share.
-    """
-    return dpo + alpha * grpo
+    if seq_weights is None:
+        seq_weights = entropy_weights("token_mean", mask_f.sum(-1), 1)
+    per_seq = (entropy * mask_f).sum(-1)
+    return -coef * (per_seq * seq_weights.to(per_seq.device, per_seq.dtype)).sum()

@@ -16,12 +16,9 @@ import torch
 import torch.distributed as dist
 
 from cadence.config import DPOConfig, GRPOConfig
-from cadence.trainer.batching import build_pairs, grpo_advantages
-from cadence.trainer.engine import SequenceBatch, TokenStats, TrainEngine
-from cadence.trainer.losses import LossOutput, combined_loss, dpo_loss, entropy_bonus, grpo_loss
-
-TIS_CAP = 2.0
-"""Truncation of importance weights for stale samples (async_lag > 0), Yao et al. 2025's C = 2."""
+from cadence.trainer.batching import Pair, build_pairs, grpo_advantages
+from cadence.trainer.engine import TrainEngine
+from cadence.trainer.objectives import DPOPart, GRPOPart, MicroResult, PairItem, RolloutItem, EntropyBonus, plan
 
 
 @dataclass
@@ -88,41 +85,53 @@ def follow(engine: TrainEngine, tokenizer: Any, run_dir: Path) -> None:
 
 
 def update(engine: TrainEngine, groups: list[Group], step: int) -> dict[str, float]:
-    """Loss on this rank's shard, backward, step (*collective*). Metrics averaged over ranks."""
+    """Loss on this rank's shard in micro-batches, a backward for each, one step (*collective*).
+
+    The shard is cut into micro-batches of at most `micro_batch_tokens` padded tokens whose losses add up
+    to the shard's (`cadence.trainer.objectives`), so the step equals the one-shot update. Metrics are
+    averaged over ranks.
+    """
     config = engine.config
     algo = config.algorithm
-    dpo = grpo = None
-    stats: TokenStats | None = None
     metrics: dict[str, float] = {}
+    parts: list[DPOPart | GRPOPart] = []
+    entropy = EntropyBonus(config.entropy_coef, config.entropy_reduction)
     if isinstance(algo, DPOConfig):
         selection = build_pairs(
             [(g.task, g.rewards) for g in groups], random.Random(f"{config.seed}:{step}"), group=algo.group
         )
         metrics |= {"pairs_kept": len(selection.pairs), "pairs_skipped": selection.skipped_prompts}
         if selection.pairs:
-            dpo, stats = _dpo_part(engine, groups, selection.pairs, algo)
-    if config.uses_grpo:
-        grpo, grpo_stats = _grpo_part(engine, groups)
-        stats = stats or grpo_stats
-    if stats is None:  # DPO and not one prompt with a pair: zero loss, no step (counted in pairs_skipped)
+            parts.append(_dpo_part(engine, groups, selection.pairs, algo, entropy))
+    if config.uses_grpo:  # the entropy bonus rides on the first part only: DPO's sequences when it has pairs
+        parts.append(_grpo_part(engine, groups, EntropyBonus(0.0, entropy.reduction) if parts else entropy))
+    if not parts:  # DPO and not one prompt with a pair: zero loss, no step (counted in pairs_skipped)
         return metrics | {"loss": 0.0, "skipped_update": 1.0}
-    if grpo is None or isinstance(algo, GRPOConfig):
-        loss = (dpo or grpo).loss  # type: ignore[union-attr]
-    else:
-        loss = combined_loss(dpo.loss if dpo else torch.zeros((), device=grpo.loss.device), grpo.loss, algo.grpo_coef)
-    if config.entropy_coef > 0:
-        loss = loss + entropy_bonus(stats.entropy, stats.mask, config.entropy_coef)
-    grad_norm = engine.step(loss)
-    for part in (dpo, grpo):
-        metrics |= part.metrics if part is not None else {}
-    tokens = stats.mask.sum().clamp(min=1)
-    metrics |= {
-        "loss": loss.item(),
-        "entropy": ((stats.entropy.detach() * stats.mask).sum() / tokens).item(),
-        "grad_norm": grad_norm,
-        "lr": engine.lr(),
-    }
-    return _mean_over_ranks(metrics, engine.world_size)
+    runs = plan(parts, config.micro_batch_tokens, engine)
+    results: dict[int, list[MicroResult]] = {id(part): [] for part in parts}
+    loss = 0.0
+    for number, (part, items, padding) in enumerate(runs):
+        result = part.run(items, padding=padding)
+        loss += result.loss.item()
+        engine.backward(result.loss, last=number == len(runs) - 1)
+        results[id(part)].append(result)
+    grad_norm = engine.step()
+    for part in parts:
+        metrics |= _weighted_metrics(results[id(part)])
+    first = results[id(parts[0])]
+    tokens = max(sum(r.tokens for r in first), 1.0)
+    metrics |= {"loss": loss, "entropy": sum(r.entropy_sum for r in first) / tokens, "grad_norm": grad_norm}
+    metrics["lr"] = engine.lr()
+    return _mean_over_ranks(metrics, engine)
+
+
+def _weighted_metrics(results: list[MicroResult]) -> dict[str, float]:
+    """A part's metrics over its micro-batches, each weighted by the pairs or tokens behind it."""
+    real = [r for r in results if r.weight > 0]
+    if not real:
+        return dict(results[0].metrics)
+    total = sum(r.weight for r in real)
+    return {key: sum(r.metrics[key] * r.weight for r in real) / total for key in real[0].metrics}
 
 
 def _shard(items: list, rank: int, world: int) -> tuple[list, bool]:
@@ -132,80 +141,41 @@ def _shard(items: list, rank: int, world: int) -> tuple[list, bool]:
     return (mine, True) if mine else (items[:1], False)
 
 
-def _dpo_part(engine: TrainEngine, groups: list[Group], pairs: list, algo: DPOConfig) -> tuple[LossOutput, TokenStats]:
+def _dpo_part(
+    engine: TrainEngine, groups: list[Group], pairs: list[Pair], algo: DPOConfig, entropy: EntropyBonus
+) -> DPOPart:
     mine, weighted = _shard(pairs, engine.rank, engine.world_size)
-    prompts = [groups[p.group].prompt_ids for p in mine] * 2
-    completions = [groups[p.group].completions[p.chosen] for p in mine]
-    completions += [groups[p.group].completions[p.rejected] for p in mine]
-    batch = SequenceBatch.from_token_ids(prompts, completions, engine.pad_token_id)
-    policy = engine.policy_stats(batch, entropy_grad=engine.config.entropy_coef > 0)
-    ref = engine.reference_stats(batch)
-    n = len(mine)
-    seq, ref_seq, lengths = policy.sequence_logps(), ref.sequence_logps(), policy.lengths()
-    out = dpo_loss(
-        seq[:n],
-        seq[n:],
-        ref_seq[:n],
-        ref_seq[n:],
-        algo.beta,
-        chosen_lengths=lengths[:n],
-        rejected_lengths=lengths[n:],
-        length_normalize=algo.length_normalize,
-        nll_coef=algo.nll_coef,
-        pair_groups=torch.tensor([p.group for p in mine]) if algo.group else None,
-    )
-    return LossOutput(out.loss if weighted else out.loss * 0.0, out.metrics), policy
+    items = [
+        PairItem(
+            groups[p.group].prompt_ids,
+            groups[p.group].completions[p.chosen],
+            groups[p.group].completions[p.rejected],
+            p.group,
+        )
+        for p in mine
+    ]
+    return DPOPart(engine, items, algo, weighted=weighted, entropy=entropy)
 
 
-def _grpo_part(engine: TrainEngine, groups: list[Group]) -> tuple[LossOutput, TokenStats]:
-    config = engine.config
-    algo = config.algorithm
+def _grpo_part(engine: TrainEngine, groups: list[Group], entropy: EntropyBonus) -> GRPOPart:
+    algo = engine.config.algorithm
     std_normalize = isinstance(algo, GRPOConfig) and algo.std_normalize
     rows = []
-    for g in groups:
+    for index, g in enumerate(groups):
         for i, advantage in enumerate(grpo_advantages(g.rewards, std_normalize=std_normalize)):
-            rows.append((g, i, advantage))
+            behavior = g.behavior_logps[i] if i < len(g.behavior_logps) else None
+            rows.append(RolloutItem(g.prompt_ids, g.completions[i], advantage, index, behavior))
     mine, weighted = _shard(rows, engine.rank, engine.world_size)
-    batch = SequenceBatch.from_token_ids(
-        [g.prompt_ids for g, _, _ in mine], [g.completions[i] for g, i, _ in mine], engine.pad_token_id
-    )
-    policy = engine.policy_stats(batch, entropy_grad=config.entropy_coef > 0)
-    old, ref = engine.old_policy_stats(batch), engine.reference_stats(batch)
-    behavior = _behavior_logps(mine, policy.mask) if engine.schedule.off_policy else None
-    options = algo if isinstance(algo, GRPOConfig) else GRPOConfig()
-    out = grpo_loss(
-        policy.logps,
-        old.logps,
-        ref.logps,
-        torch.tensor([a for _, _, a in mine], device=policy.logps.device),
-        policy.mask,
-        clip_eps=options.clip_eps,
-        kl_beta=options.kl_beta,
-        aggregation=options.aggregation,
-        max_len=config.sampling.max_tokens,
-        behavior_logps=behavior,
-        tis_cap=TIS_CAP if behavior is not None else None,
-    )
-    return LossOutput(out.loss if weighted else out.loss * 0.0, out.metrics), policy
+    # DPO + α·GRPO (a Cadence variant, DESIGN.md §5): GRPO's per-sample signal regularises DPO's pairwise one.
+    options, coef = (algo, 1.0) if isinstance(algo, GRPOConfig) else (GRPOConfig(), algo.grpo_coef)
+    return GRPOPart(engine, mine, options, coef=coef, weighted=weighted, entropy=entropy)
 
 
-def _behavior_logps(rows: list, mask: torch.Tensor) -> torch.Tensor | None:
-    """The generating worker's per-token log-probs placed on the completion positions; None when any
-    sample lacks them (then the old-policy snapshot stands in for the behaviour policy)."""
-    out = torch.zeros_like(mask)
-    for row, (g, i, _) in enumerate(rows):
-        values = g.behavior_logps[i] if i < len(g.behavior_logps) else []
-        if len(values) != len(g.completions[i]):
-            return None
-        start = len(g.prompt_ids) - 1
-        out[row, start : start + len(values)] = torch.tensor(values, dtype=mask.dtype)
-    return out
-
-
-def _mean_over_ranks(metrics: dict[str, float], world_size: int) -> dict[str, float]:
-    if world_size == 1:
+def _mean_over_ranks(metrics: dict[str, float], engine: TrainEngine) -> dict[str, float]:
+    if engine.world_size == 1:
         return metrics
     keys = sorted(metrics)
-    values = torch.tensor([float(metrics[k]) for k in keys], dtype=torch.float64)
+    # On the engine's device: NCCL, DeepSpeed's backend on GPUs, reduces only CUDA tensors.
+    values = torch.tensor([float(metrics[k]) for k in keys], dtype=torch.float64, device=engine.device)
     dist.all_reduce(values)
-    return {k: v / world_size for k, v in zip(keys, values.tolist(), strict=True)}
+    return {k: v / engine.world_size for k, v in zip(keys, values.tolist(), strict=True)}

@@ -85,3 +85,24 @@ def test_bad_run_id_is_refused() -> None:
 def test_chat_tasks_need_a_reward_model() -> None:
     with pytest.raises(ConfigError, match="set reward_model"):
         parse_run_config({"tasks": [{"name": "c", "kind": "chat", "dataset": "wildchat"}]})
+
+
+@pytest.mark.parametrize(
+    ("kinds", "beta", "eps"),
+    [
+        (["math"], 0.1, 1e-4),  # verifiable rewards: the paper's math recipe
+        (["chat"], 0.01, 1e-8),  # reward-model rewards
+        (["math", "chat"], 0.01, 1e-8),  # the paper's mixed recipe
+    ],
+)
+def test_beta_and_eps_default_by_task_kind(kinds: list[str], beta: float, eps: float) -> None:
+    tasks = [{"name": kind, "kind": kind} for kind in kinds]
+    config = parse_run_config({"tasks": tasks, "reward_model": "tiny-rm"})
+    assert config.algorithm.beta == beta and config.optimizer.eps == eps
+    explicit = parse_run_config({"tasks": tasks, "reward_model": "tiny-rm", "algorithm": {"type": "dpo", "beta": 0.3}})
+    assert explicit.algorithm.beta == 0.3
+
+
+def test_deepspeed_batch_settings_are_refused_for_micro_batch_tokens() -> None:
+    with pytest.raises(ConfigError, match="micro_batch_tokens"):
+        parse_run_config({"deepspeed": {"extra": {"gradient_accumulation_steps": 4}}})

@@ -6,7 +6,7 @@ import random
 
 import pytest
 
-from cadence.trainer.batching import build_pairs, grpo_advantages, pair_mode, select_pairs
+from cadence.trainer.batching import build_pairs, grpo_advantages, micro_batches, pair_mode, select_pairs
 
 
 def test_verifiable_pair_is_a_correct_vs_an_incorrect_sample() -> None:
@@ -69,3 +69,13 @@ def test_grpo_advantages_by_hand() -> None:
     normalised = grpo_advantages([1, 0, 0, 1], std_normalize=True, eps=0.0)
     assert normalised == [1.0, -1.0, -1.0, 1.0]
     assert grpo_advantages([1, 1, 1], std_normalize=True) == [0.0, 0.0, 0.0]
+
+
+def test_micro_batches_fill_the_token_budget_shortest_first() -> None:
+    """Lengths 5, 9, 3, 4 with a budget of 12 padded tokens: sorted 3, 4, 5, 9 → [3, 4] pads to 2·4 = 8,
+    adding 5 would pad to 15 > 12, so [5] then [9] (2·9 > 12). Pairs (2 sequences each) with budget 20:
+    [3, 4] pads to 2·2·4 = 16, [5] 10, [9] 18. A 30-token item over the budget of 12 stands alone."""
+    assert micro_batches([5, 9, 3, 4], 12) == [[2, 3], [0], [1]]
+    assert micro_batches([5, 9, 3, 4], 20, per_item=2) == [[2, 3], [0], [1]]
+    assert micro_batches([30, 2], 12) == [[1], [0]]
+    assert micro_batches([3, 3, 3], 100) == [[0, 1, 2]]

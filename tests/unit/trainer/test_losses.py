@@ -7,14 +7,16 @@ import math
 import pytest
 import torch
 
+from cadence.trainer.logprobs import selective_stats
 from cadence.trainer.losses import (
     aggregate_tokens,
-    combined_loss,
     dpo_loss,
     entropy_bonus,
+    entropy_weights,
+    group_weights,
     grpo_loss,
     k3_kl,
-    token_entropy,
+    sequence_weights,
 )
 
 
@@ -82,6 +84,20 @@ def test_dpo_nll_on_chosen_by_hand() -> None:
     assert out.metrics["nll"] == pytest.approx(5.0)
 
 
+def test_dpo_nll_summed_over_the_sequence_by_hand() -> None:
+    """The paper's code sums the NLL over the chosen response: 10 and 5 → mean 7.5; coef 0.5 → +3.75."""
+    out = dpo_loss(
+        **TWO_PAIRS,
+        beta=0.1,
+        chosen_lengths=_t(2, 1),
+        rejected_lengths=_t(4, 1),
+        nll_coef=0.5,
+        nll_reduction="sequence_sum",
+    )
+    assert out.loss.item() == pytest.approx(0.645643 + 3.75, abs=1e-6)
+    assert out.metrics["nll"] == pytest.approx(7.5)
+
+
 def test_group_dpo_averages_within_prompt_then_over_prompts() -> None:
     """Three pairs, the first two from prompt 0, the third from prompt 1; margins 0.2, 0, 0.
     Per pair: a = log(1 + e^−0.2), b = log 2, c = log 2. GroupDPO: ((a + b)/2 + c)/2, not (a+b+c)/3.
@@ -92,10 +108,36 @@ def test_group_dpo_averages_within_prompt_then_over_prompts() -> None:
         _t(-11.0, -5.0, -1.0),
         _t(-11.0, -5.0, -1.0),
         beta=0.1,
-        pair_groups=torch.tensor([0, 0, 1]),
+        pair_weights=group_weights([0, 0, 1]),
     )
     a, b = softplus(0.2), math.log(2)
     assert out.loss.item() == pytest.approx(((a + b) / 2 + b) / 2, abs=1e-9)
+
+
+def test_group_weights_are_built_on_the_requested_device() -> None:
+    """Finding 4: GroupDPO's weights were a CPU tensor index_add'ed into the losses' CUDA tensor. They are
+    built from plain ids directly on the device asked for (`meta` stands in for CUDA here; the `gpu` test
+    below runs the real thing). Prompt 0 has two pairs, prompt 1 one: weights 1/4, 1/4, 1/2."""
+    assert group_weights([0, 0, 1], device="meta").device.type == "meta"
+    assert group_weights([0, 0, 1]).tolist() == [0.25, 0.25, 0.5]
+    assert group_weights([7, 3, 3, 7]).sum().item() == pytest.approx(1.0)
+
+
+@pytest.mark.gpu
+def test_group_dpo_on_cuda() -> None:
+    """The same GroupDPO loss as above, every tensor on the GPU, the weights built there from plain ids."""
+    cuda = torch.device("cuda")
+    out = dpo_loss(
+        *(
+            t.to(cuda)
+            for t in (_t(-10.0, -5.0, -1.0), _t(-12.0, -5.0, -1.0), _t(-11.0, -5.0, -1.0), _t(-11.0, -5.0, -1.0))
+        ),
+        beta=0.1,
+        pair_weights=group_weights([0, 0, 1], device=cuda),
+    )
+    a, b = softplus(0.2), math.log(2)
+    assert out.loss.device.type == "cuda"
+    assert out.loss.item() == pytest.approx(((a + b) / 2 + b) / 2, abs=1e-6)
 
 
 def test_dpo_refuses_empty_batch_and_missing_lengths() -> None:
@@ -122,6 +164,8 @@ ADVANTAGES = _t(1.0, -0.5)
         ("dr_grpo", None, -0.5 / 6),
         # dr_grpo with the sampling max_tokens = 4: −0.5 / 8 = −0.0625.
         ("dr_grpo", 4, -0.0625),
+        # the paper's: per-rollout sums −2 and 1.5, mean over the 2 rollouts → −0.25 (no max_len constant).
+        ("seq_mean_token_sum", 4, -0.25),
     ],
 )
 def test_grpo_aggregations_by_hand(aggregation: str, max_len: int | None, expected: float) -> None:
@@ -131,6 +175,27 @@ def test_grpo_aggregations_by_hand(aggregation: str, max_len: int | None, expect
     assert out.loss.item() == pytest.approx(expected)
     assert out.metrics["ratio_mean"] == pytest.approx(1.0)
     assert out.metrics["clip_fraction"] == 0.0
+
+
+def test_sequence_weights_let_micro_batches_add_up_to_the_batch() -> None:
+    """Each aggregation is Σ_i w_i·(token-loss sum of i); splitting the batch in two micro-batches, each with
+    its slice of the whole batch's weights, gives the same total — also for `bnpo` and `grpo`, whose
+    normalisers (all tokens, each length) are not those of either half."""
+    torch.manual_seed(0)
+    losses = torch.randn(5, 4, dtype=torch.float64)
+    mask = torch.tensor([[1, 1, 0, 0], [1, 1, 1, 1], [1, 0, 0, 0], [1, 1, 1, 0], [1, 1, 0, 0]])
+    for aggregation in ("grpo", "bnpo", "dr_grpo", "seq_mean_token_sum"):
+        whole = aggregate_tokens(losses, mask, aggregation, max_len=6)
+        weights = sequence_weights(aggregation, mask.sum(-1), max_len=6)
+        halves = sum(
+            aggregate_tokens(losses[s], mask[s], aggregation, 6, weights[s]) for s in (slice(0, 2), slice(2, 5))
+        )
+        assert halves.item() == pytest.approx(whole.item(), abs=1e-12), aggregation
+
+
+def test_dr_grpo_needs_its_constant() -> None:
+    with pytest.raises(ValueError, match="max_len"):
+        sequence_weights("dr_grpo", torch.tensor([2, 3]))
 
 
 def test_k3_kl_by_hand() -> None:
@@ -184,13 +249,19 @@ def test_entropy_of_uniform_and_bonus_sign() -> None:
     """Uniform over 4 tokens: entropy log 4 = 1.386294. A one-hot-ish distribution has ~0 entropy.
     Bonus = −coef · mean entropy over the mask: coef 0.1, tokens (log 4, ~0) masked to the first → −0.1386."""
     logits = torch.stack([torch.zeros(4), torch.tensor([50.0, 0, 0, 0])]).unsqueeze(0)
-    entropy = token_entropy(logits)
+    _, entropy = selective_stats(logits, torch.zeros(1, 2, dtype=torch.long), torch.ones(1, 2))
     assert entropy[0, 0].item() == pytest.approx(math.log(4))
     assert entropy[0, 1].item() == pytest.approx(0.0, abs=1e-6)
     bonus = entropy_bonus(entropy, torch.tensor([[1, 0]]), coef=0.1)
     assert bonus.item() == pytest.approx(-0.1 * math.log(4))
 
 
-def test_combined_objective() -> None:
-    """0.7 + 0.5 · (−0.2) = 0.6."""
-    assert combined_loss(torch.tensor(0.7), torch.tensor(-0.2), 0.5).item() == pytest.approx(0.6)
+def test_entropy_bonus_summed_per_rollout_by_hand() -> None:
+    """The paper's code: each rollout's mean token entropy, summed, ÷ prompts. Rollouts with entropies
+    (1, 3) and (2, 2, 2) → means 2 and 2 → sum 4; 1 prompt, coef 0.1 → −0.4. Token mean: 10/5 = 2 → −0.2."""
+    entropy = torch.tensor([[1.0, 3.0, 0.0], [2.0, 2.0, 2.0]])
+    lengths = MASK.sum(-1)
+    rollout = entropy_bonus(entropy, MASK, 0.1, entropy_weights("rollout_sum", lengths, prompts=1))
+    assert rollout.item() == pytest.approx(-0.4)
+    token = entropy_bonus(entropy, MASK, 0.1, entropy_weights("token_mean", lengths, prompts=1))
+    assert token.item() == pytest.approx(-0.2)
