@@ -46,6 +46,17 @@ end
 return n_ids
 """
 
+_ADD_WITH_POSITION_LUA = """
+local stored = redis.call('HGET', KEYS[2], ARGV[1])
+if stored and tonumber(stored) >= tonumber(ARGV[2]) then return {} end
+local ids = {}
+for i = 3, #ARGV do
+  ids[#ids + 1] = redis.call('XADD', KEYS[1], '*', 'm', ARGV[i])
+end
+redis.call('HSET', KEYS[2], ARGV[1], ARGV[2])
+return ids
+"""
+
 
 def stream_key(run_id: str, kind: Kind) -> str:
     """`cadence:{run_id}:prompts|rollouts|scored`."""
@@ -123,18 +134,17 @@ def meta_has(client: redis.Redis, run_id: str, field: str) -> bool:
 
 
 def add_with_meta(
-    client: redis.Redis, run_id: str, kind: Kind, messages: Sequence[Message], fields: dict[str, str | int | float]
+    client: redis.Redis, run_id: str, kind: Kind, messages: Sequence[Message], position_field: str, position: int
 ) -> list[str]:
-    """Append `messages` to the run's `kind` stream and write `fields` to its meta hash in one transaction,
-    so a position kept in the meta hash never disagrees with what the stream holds."""
-
-    def call() -> list[bytes]:
-        pipe = client.pipeline(transaction=True)
-        _xadd_all(pipe, stream_key(run_id, kind), messages)
-        pipe.hset(meta_key(run_id), mapping=fields)
-        return pipe.execute()[: len(messages)]
-
-    return [entry_id.decode() for entry_id in retrying(call, f"xadd {kind} batch with meta")]
+    """Append `messages` to the run's `kind` stream and set `position_field` of its meta hash to `position`, in
+    one script, so the position never disagrees with what the stream holds. Nothing is written (returns [])
+    when the stored position is already `position` or past it: a call retried after a lost reply — Redis ran
+    it, then the connection dropped before the answer came back — appends nothing twice."""
+    args = [position_field, position, *(message.SerializeToString() for message in messages)]
+    script = client.register_script(_ADD_WITH_POSITION_LUA)
+    keys = [stream_key(run_id, kind), meta_key(run_id)]
+    ids = retrying(lambda: script(keys=keys, args=args), f"xadd {kind} batch with meta")
+    return [entry_id.decode() for entry_id in ids]
 
 
 def _xadd_all(pipe: redis.client.Pipeline, key: str, messages: Sequence[Message]) -> None:

@@ -148,7 +148,7 @@ class Feeder:
 
     def _enqueue(self, step: int) -> None:
         prompts = self.plan.prompts_for(step)
-        streams.add_with_meta(self.client, self.plan.run_id, "prompts", prompts, {POSITION_FIELD: step + 1})
+        streams.add_with_meta(self.client, self.plan.run_id, "prompts", prompts, POSITION_FIELD, step + 1)
         log.debug("enqueued %d prompts for step %d", len(prompts), step)
 
     def requeue(self, prompt: common_pb2.Prompt) -> None:

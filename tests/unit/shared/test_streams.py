@@ -154,9 +154,11 @@ def test_run_meta_round_trip(redis_url: str) -> None:
 
 def test_a_batch_and_its_meta_update_land_together(redis_url: str) -> None:
     client = redis.Redis.from_url(redis_url)
-    ids = streams.add_with_meta(client, "batch", "prompts", prompts(3), {"position": 3})
+    ids = streams.add_with_meta(client, "batch", "prompts", prompts(3), "position", 3)
     assert len(ids) == 3 and client.xlen(streams.stream_key("batch", "prompts")) == 3
     assert streams.read_meta(client, "batch") == {"position": "3"}
+    assert streams.add_with_meta(client, "batch", "prompts", prompts(3), "position", 3) == []  # already there
+    assert client.xlen(streams.stream_key("batch", "prompts")) == 3
 
 
 def test_meta_checks_tell_when_redis_lost_the_run(redis_url: str) -> None:
