@@ -22,12 +22,18 @@ from cadence.errors import ConfigError
 
 
 def resolve_ref_sync_every(
-    ref_sync_every: int | Literal["auto"] | None, sync_every: int | None, task_kinds: Set[str]
+    ref_sync_every: int | Literal["auto"] | None, sync_every: int | None, task_kinds: Set[str], *, grpo: bool = False
 ) -> int | None:
-    """`auto` → s when every task is verifiable, else a fixed seed reference (null), the paper's choices."""
+    """`auto` → s for DPO when every task is verifiable, else a fixed seed reference (null).
+
+    The paper syncs DPO's reference with the generator on verifiable tasks and keeps it fixed on chat. It
+    says no such thing of GRPO, whose KL penalty (DeepSeekMath) holds the policy near the seed: a reference
+    moved at every sync would be π_old itself, the k3 term ≈ 0 and its β meaningless. So a GRPO run
+    (`grpo`: the algorithm is GRPO; DPO + α·GRPO follows DPO's rule) keeps the seed reference under `auto`.
+    """
     if ref_sync_every != "auto":
         return ref_sync_every
-    return sync_every if set(task_kinds) == {"math"} else None
+    return sync_every if set(task_kinds) == {"math"} and not grpo else None
 
 
 @dataclass(frozen=True)
@@ -83,7 +89,9 @@ class Schedule:
         """The schedule a run config asks for."""
         return cls(
             sync_every=config.sync_every,
-            ref_sync_every=resolve_ref_sync_every(config.ref_sync_every, config.sync_every, config.task_kinds),
+            ref_sync_every=resolve_ref_sync_every(
+                config.ref_sync_every, config.sync_every, config.task_kinds, grpo=config.algorithm.type == "grpo"
+            ),
             async_lag=config.async_lag,
             grpo=config.uses_grpo,
             steps=config.steps,

@@ -85,6 +85,8 @@ def test_ref_sync_auto_follows_the_paper() -> None:
     assert resolve_ref_sync_every("auto", 4, {"math", "chat"}) is None
     assert resolve_ref_sync_every("auto", None, {"math"}) is None
     assert resolve_ref_sync_every(3, 4, {"chat"}) == 3
+    assert resolve_ref_sync_every("auto", 4, {"math"}, grpo=True) is None  # GRPO's KL reference stays the seed
+    assert resolve_ref_sync_every(4, 4, {"math"}, grpo=True) == 4
     chat = {"name": "c", "kind": "chat", "dataset": "wildchat"}
     assert of(sync_every=4, tasks=[chat], reward_model="tiny-rm").ref_sync_every is None
     assert of(sync_every=4).ref_sync_every == 4
@@ -94,7 +96,9 @@ def test_ref_sync_auto_follows_the_paper() -> None:
     ("fields", "expected"),
     [
         ({}, False),  # DPO needs no π_old
-        ({"algorithm": {"type": "grpo"}, "sync_every": 2}, False),  # reference synced at every publish: it is π_old
+        # reference synced at every publish: it is π_old
+        ({"algorithm": {"type": "grpo"}, "sync_every": 2, "ref_sync_every": 2}, False),
+        ({"algorithm": {"type": "grpo"}, "sync_every": 2}, True),  # auto: GRPO's reference stays the seed
         ({"algorithm": {"type": "grpo"}, "sync_every": 2, "ref_sync_every": None}, True),
         ({"algorithm": {"type": "dpo", "grpo_coef": 0.5}, "sync_every": 2, "ref_sync_every": 4}, True),
         ({"algorithm": {"type": "grpo"}, "sync_every": None}, False),  # offline: reference = π_old = seed
@@ -112,13 +116,13 @@ def test_grpo_old_policy_moves_at_publishes_only_when_it_is_a_copy() -> None:
         SyncPoints(publish=False, reference=False, old_policy=False),
         SyncPoints(publish=True, reference=False, old_policy=True),
     ]
-    synced = of(algorithm={"type": "grpo"}, sync_every=2)
+    synced = of(algorithm={"type": "grpo"}, sync_every=2, ref_sync_every=2)
     assert synced.sync_points(2) == SyncPoints(publish=True, reference=True, old_policy=False)
 
 
 def test_plain_values_build_the_same_schedule_as_the_config() -> None:
     by_hand = Schedule(sync_every=4, ref_sync_every=4, async_lag=1, grpo=True, steps=10, max_inflight=3)
-    config = {"sync_every": 4, "async_lag": 1, "max_inflight": 3, "algorithm": {"type": "grpo"}}
+    config = {"sync_every": 4, "ref_sync_every": 4, "async_lag": 1, "max_inflight": 3, "algorithm": {"type": "grpo"}}
     assert of(**config) == by_hand
     assert Schedule(sync_every=2, ref_sync_every=None).releasable(10**6, trainer_step=10**6, version=10**6)
 
