@@ -164,6 +164,7 @@ def version_info(manifest: common_pb2.WeightManifest, published_unix: float = 0.
         sha256=manifest.sha256,
         num_tensors=len(manifest.tensors),
         published_unix=published_unix,
+        delta_bytes=manifest.delta.encoded_bytes,
     )
 
 

@@ -23,11 +23,13 @@ import zstandard
 
 from cadence.errors import IntegrityError, InvalidRequest
 from cadence.v1 import common_pb2
+from cadence.weights import Packed, chunk_digests, payload_digest
 
 ENCODING = "xor-zstd"
 BLOCK_BYTES = 4 * 1024 * 1024
 LEVEL = 1  # level 3 saves a few more per cent of the delta at twice the encode time (bench/sync.py)
 THREADS = 2
+MAX_PERCENT = 80.0  # a delta larger than this share of the payload is sent as a keyframe instead
 _MAGIC = b"CDX1"
 _HEAD = struct.Struct("<4sIQI")  # magic, block bytes, total bytes, blocks
 Buffer = bytes | bytearray | memoryview
@@ -111,6 +113,19 @@ def _u8(buffer: Buffer, start: int, end: int) -> np.ndarray:
 # -- manifests ----------------------------------------------------------------------------------------------
 
 
+def against(base: Packed, target: Packed, max_percent: float = MAX_PERCENT) -> Packed | None:
+    """`target` as a delta against `base` (manifest and delta data), or None when that would not pay."""
+    try:
+        check_same_layout(base.manifest, target.manifest)
+    except InvalidRequest:
+        return None
+    delta = encode(base.payload, target.payload)
+    if len(delta) > target.manifest.total_bytes * max_percent / 100:
+        return None
+    digests = chunk_digests(delta, target.manifest.chunk_size)
+    return Packed(describe(target.manifest, base.manifest, delta, digests), delta)
+
+
 def describe(
     target: common_pb2.WeightManifest, base: common_pb2.WeightManifest, delta: Buffer, chunk_digests: list[str]
 ) -> common_pb2.WeightManifest:
@@ -140,8 +155,6 @@ def full(manifest: common_pb2.WeightManifest) -> common_pb2.WeightManifest:
 
 def transport(manifest: common_pb2.WeightManifest) -> common_pb2.WeightManifest:
     """A manifest of the encoded bytes themselves (one U8 tensor), to stream and verify them chunk by chunk."""
-    from cadence.weights import payload_digest  # cadence.weights imports nothing from here; keep it lazy anyway
-
     delta, size = manifest.delta, manifest.delta.encoded_bytes
     if delta.encoding != ENCODING:
         raise InvalidRequest(f"delta encoding {delta.encoding!r} is unknown; this build reads {ENCODING!r}")

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 from google.protobuf.message import DecodeError
 
+from cadence import weights_delta
 from cadence.v1 import common_pb2
 from cadence.weights import iter_chunks
 
@@ -60,12 +61,17 @@ def decode(raw: bytes) -> common_pb2.WeightManifest | DataChunk | None:
 def iter_frames(
     manifest: common_pb2.WeightManifest, payload: bytes | bytearray | memoryview, offset: int = 0
 ) -> Iterator[common_pb2.WeightChunk | bytes]:
-    """Like `cadence.weights.iter_chunks`: the manifest, then framed data chunks from `offset` on."""
+    """Like `cadence.weights.iter_chunks`: the manifest, then framed data chunks from `offset` on.
+
+    For a delta manifest (`cadence.weights_delta`) `payload` is the delta data, and offsets count in it.
+    """
+    carrier = weights_delta.transport(manifest) if weights_delta.is_delta(manifest) else manifest
     # iter_chunks checks the offset before its first item, the manifest; its copying chunks are never drawn.
-    yield next(iter_chunks(manifest, payload, offset))
+    next(iter_chunks(carrier, payload, offset))
+    yield common_pb2.WeightChunk(manifest=manifest)
     view = memoryview(payload)
-    for start in range(offset, manifest.total_bytes, manifest.chunk_size):
-        yield frame(view[start : start + manifest.chunk_size], start)
+    for start in range(offset, carrier.total_bytes, carrier.chunk_size):
+        yield frame(view[start : start + carrier.chunk_size], start)
 
 
 def _varint(value: int) -> bytes:

@@ -15,7 +15,8 @@ import shutil
 import uuid
 from pathlib import Path
 
-from cadence.broker.store import RUN_ID, Payload, Slot, WeightStore
+from cadence import weights_delta
+from cadence.broker.store import RUN_ID, Payload, Slot, WeightStore, stored_size
 from cadence.errors import ConfigError, InvalidRequest, Overloaded
 from cadence.logging import get_logger
 from cadence.v1.common_pb2 import VersionInfo, WeightManifest
@@ -62,7 +63,7 @@ class DirectoryStore(WeightStore):
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
-        return _map(final / "payload.bin", info.total_bytes), final
+        return _map(final / "payload.bin", len(payload)), final
 
     def _discard(self, slot: Slot) -> None:
         # Dropping the map (not closing it) lets views a finishing stream still holds stay valid; it is
@@ -83,6 +84,7 @@ class DirectoryStore(WeightStore):
                     if slot is not None:
                         self._runs.setdefault(slot.info.run_id, {})[slot.info.version] = slot
             if run_dir.name in self._runs:
+                self._restore_head(run_dir.name)
                 self._evict(run_dir.name)
         log.info("store loaded", extra={"root": str(self.root), "versions": len(self.versions())})
 
@@ -91,10 +93,11 @@ class DirectoryStore(WeightStore):
             manifest = WeightManifest.FromString((path / "manifest.pb").read_bytes())
             published = json.loads((path / "info.json").read_text())["published_unix"]
             validate_manifest(manifest)
-            payload = _map(path / "payload.bin", manifest.total_bytes)
+            payload = _map(path / "payload.bin", stored_size(manifest))
             if (manifest.run_id, f"v{manifest.version:012d}") != (run_id, path.name):
                 raise InvalidRequest(f"manifest names run {manifest.run_id!r} version {manifest.version}")
-            verify_payload(manifest, payload)
+            delta = weights_delta.is_delta(manifest)
+            verify_payload(weights_delta.transport(manifest) if delta else manifest, payload)  # a delta: when rebuilt
         except Exception as error:
             log.warning("discarding an unreadable stored version", extra={"path": str(path), "error": str(error)})
             shutil.rmtree(path, ignore_errors=True)

@@ -14,7 +14,8 @@ import grpc
 from google.protobuf.message import Message
 from prometheus_client import Counter, Gauge, Histogram
 
-from cadence.broker.store import WeightStore, check_run_id
+from cadence import weights_delta
+from cadence.broker.store import Payload, Reader, WeightStore, check_run_id
 from cadence.errors import IntegrityError, InvalidRequest, NotFound, Overloaded
 from cadence.logging import get_logger
 from cadence.v1 import broker_pb2, broker_pb2_grpc, common_pb2
@@ -35,6 +36,7 @@ PUBLISH_SECONDS = Histogram("cadence_broker_publish_seconds", "Publish duration 
 FETCH_SECONDS = Histogram("cadence_broker_fetch_seconds", "Fetch duration (complete)", buckets=_SIZE_BUCKETS)
 PUBLISH_FAILURES = Counter("cadence_broker_publish_failures", "Publishes refused or abandoned", ["reason"])
 FETCH_RESUMES = Counter("cadence_broker_fetch_resumes", "Fetches that resumed from a non-zero offset")
+DELTA_FETCHES = Counter("cadence_broker_delta_fetches", "Fetches served as a delta against the fetcher's version")
 
 
 Frame = common_pb2.WeightManifest | DataChunk | None  # what `cadence.weights_wire.decode` yields
@@ -73,12 +75,13 @@ class BrokerServicer(broker_pb2_grpc.BrokerServicer):
             log.info("idempotent re-publish", extra={"run_id": manifest.run_id, "version": manifest.version})
             return existing
         with self.store.reserve(manifest.total_bytes):
-            assembler = Assembler(manifest)
+            delta = weights_delta.is_delta(manifest)
+            assembler = Assembler(weights_delta.transport(manifest) if delta else manifest)
             for chunk in request_iterator:
                 if not isinstance(chunk, DataChunk):
                     raise InvalidRequest("only data chunks may follow the manifest in a Publish stream")
                 if assembler.complete:
-                    raise IntegrityError(f"data beyond the manifest's {manifest.total_bytes} bytes")
+                    raise IntegrityError(f"data beyond the manifest's {assembler.manifest.total_bytes} bytes")
                 assembler.add(chunk.data, chunk.offset)
                 BYTES_IN.inc(len(chunk.data))
             return self.store.put(manifest, assembler.finish())
@@ -109,17 +112,32 @@ class BrokerServicer(broker_pb2_grpc.BrokerServicer):
         try:
             if request.offset:
                 FETCH_RESUMES.inc()
-            manifest = reader.manifest
-            frames = iter_frames(manifest, reader.payload, request.offset)
+            sent, payload = self._what_to_send(reader, request)
+            carrier = weights_delta.transport(sent) if weights_delta.is_delta(sent) else sent
+            frames = iter_frames(sent, payload, request.offset)
             yield next(frames)  # the manifest (once the offset is checked)
             for start, frame in zip(
-                range(request.offset, manifest.total_bytes, manifest.chunk_size), frames, strict=True
+                range(request.offset, carrier.total_bytes, carrier.chunk_size), frames, strict=True
             ):
                 yield frame
-                BYTES_OUT.inc(min(manifest.chunk_size, manifest.total_bytes - start))
+                BYTES_OUT.inc(min(carrier.chunk_size, carrier.total_bytes - start))
             FETCH_SECONDS.observe(time.monotonic() - started)
         finally:
             reader.close()
+
+    def _what_to_send(
+        self, reader: Reader, request: broker_pb2.FetchRequest
+    ) -> tuple[common_pb2.WeightManifest, Payload]:
+        """The manifest to send and the bytes it describes: the stored delta when the fetcher holds its base,
+        else the full version (rebuilt if it is stored as a delta)."""
+        manifest = reader.manifest
+        if weights_delta.is_delta(manifest) and request.HasField("base_version"):
+            base = (request.base_version, request.base_sha256)
+            if base == (manifest.delta.base_version, manifest.delta.base_sha256):
+                DELTA_FETCHES.inc()
+                return manifest, reader.payload
+        full = self.store.full(reader)
+        return full.manifest, full.payload
 
     def Status(self, request: broker_pb2.BrokerStatusRequest, context: grpc.ServicerContext) -> broker_pb2.BrokerStatus:
         stats = self.store.stats()

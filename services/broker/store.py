@@ -5,6 +5,10 @@ A version becomes visible only once it is complete and verified (the caller asse
 fetch is still reading (reference counted), and never holds more than `max_bytes` of payload, publishes in
 flight included. The directory backend is `cadence.broker.directory_store`.
 
+A version may be stored as a delta against the one before it (`cadence.weights_delta`): its slot then holds
+the delta, the run's newest version is kept rebuilt in full beside it (`cadence.broker.chain`), and retention
+keeps every version back to the keyframe the retained deltas build on.
+
 Pure logic: no gRPC. `cadence.broker.server` is the transport around it.
 """
 
@@ -20,9 +24,12 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+from cadence import weights_delta
+from cadence.broker.chain import Head, advance, rebuild
 from cadence.errors import (
     ConfigError,
     Conflict,
+    IntegrityError,
     InvalidRequest,
     NotReady,
     Overloaded,
@@ -106,6 +113,7 @@ class WeightStore(ABC):
         self._cond = threading.Condition()
         self._publish_lock = threading.Lock()
         self._runs: dict[str, dict[int, Slot]] = {}
+        self._heads: dict[str, Head] = {}  # each run's newest version in full
         self._staging = 0
         self._watchers = 0
         self._closed = False
@@ -119,6 +127,8 @@ class WeightStore(ABC):
         the data should be sent; raises InvalidRequest or Conflict otherwise.
         """
         validate_manifest(manifest)
+        if weights_delta.is_delta(manifest):
+            validate_manifest(weights_delta.transport(manifest))
         check_run_id(manifest.run_id)
         if manifest.total_bytes > self.max_bytes:
             raise TooLarge(
@@ -150,18 +160,25 @@ class WeightStore(ABC):
                 self._staging -= nbytes
 
     def put(self, manifest: WeightManifest, payload: Payload) -> VersionInfo:
-        """Store a complete, verified payload and make it visible; evict beyond `retain`."""
-        if len(payload) != manifest.total_bytes:
-            raise InvalidRequest(f"payload is {len(payload)} bytes, the manifest says {manifest.total_bytes}")
+        """Store a complete, verified payload (or delta) and make it visible; evict beyond `retain`.
+
+        A delta must build on the run's newest version and rebuild exactly the manifest's digests (else
+        `Conflict` or `IntegrityError`, and nothing changes).
+        """
+        expected = stored_size(manifest)
+        if len(payload) != expected:
+            raise InvalidRequest(f"payload is {len(payload)} bytes, the manifest says {expected}")
         with self._publish_lock:
             with self._cond:
                 existing = self._admit(manifest)
             if existing is not None:
                 return existing
             info = version_info(manifest, published_unix=time.time())
+            head = self._next_head(manifest, payload)
             stored, path = self._persist(manifest, payload, info)
             with self._cond:
                 self._runs.setdefault(info.run_id, {})[info.version] = Slot(info, manifest, stored, path)
+                self._heads[info.run_id] = head or Head(info.version, manifest, stored)
                 self._evict(info.run_id)
                 self._cond.notify_all()
         log.info("published", extra={"run_id": info.run_id, "version": info.version, "bytes": info.total_bytes})
@@ -192,6 +209,17 @@ class WeightStore(ABC):
                 )
             slot.readers += 1
             return Reader(self, slot)
+
+    def full(self, reader: Reader) -> Head:
+        """The full version a reader holds: its payload, the run's rebuilt head, or a rebuild on demand."""
+        if not weights_delta.is_delta(reader.manifest):
+            return Head(reader.info.version, reader.manifest, reader.payload)
+        with self._cond:
+            head = self._heads.get(reader.info.run_id)
+            if head is not None and head.version == reader.info.version:
+                return head
+            held = {v: (slot.manifest, slot.payload) for v, slot in self._runs[reader.info.run_id].items()}
+        return rebuild(reader.info.version, held)
 
     def watch(
         self, run_id: str, after: int, should_stop: Callable[[], bool], poll: float = 0.5
@@ -268,12 +296,47 @@ class WeightStore(ABC):
         return [info for info in self._held(run_id) if info.version > after]
 
     def _stored_bytes(self) -> int:
-        return sum(slot.info.total_bytes for slots in self._runs.values() for slot in slots.values())
+        stored = sum(stored_size(slot.manifest) for slots in self._runs.values() for slot in slots.values())
+        heads = [(run, head) for run, head in self._heads.items() if head.version in self._runs.get(run, {})]
+        rebuilt = [head for run, head in heads if weights_delta.is_delta(self._runs[run][head.version].manifest)]
+        return stored + sum(head.manifest.total_bytes for head in rebuilt)
+
+    def _next_head(self, manifest: WeightManifest, payload: Payload) -> Head | None:
+        """For a delta, the run's newest version with it applied (verified); None for a keyframe."""
+        if not weights_delta.is_delta(manifest):
+            return None
+        with self._cond:
+            head = self._heads.get(manifest.run_id)
+        base = manifest.delta.base_version
+        if head is None or (head.version, head.manifest.sha256) != (base, manifest.delta.base_sha256):
+            newest = "none" if head is None else f"version {head.version}"
+            raise Conflict(
+                f"version {manifest.version} is a delta against version {base} but the newest version the "
+                f"broker holds of run {manifest.run_id!r} is {newest}; publish version {manifest.version} as a keyframe"
+            )
+        return advance(head, manifest, payload)
+
+    def _restore_head(self, run_id: str) -> None:
+        """Rebuild a reloaded run's newest version; versions whose chain is broken are dropped."""
+        slots = self._runs[run_id]
+        held = {v: (slot.manifest, slot.payload) for v, slot in slots.items()}
+        for version in sorted(slots, reverse=True):
+            try:
+                self._heads[run_id] = rebuild(version, held)
+                return
+            except (IntegrityError, VersionNotFound) as error:
+                log.warning(
+                    "dropping a version that cannot be rebuilt", extra={"version": version, "error": str(error)}
+                )
+                self._drop(run_id, version)
 
     def _evict(self, run_id: str) -> None:
         slots = self._runs[run_id]
         visible = [v for v in sorted(slots) if not slots[v].evicted]
-        for version in visible[: max(0, len(visible) - self.retain)]:
+        cut = max(0, len(visible) - self.retain)
+        while cut > 0 and weights_delta.is_delta(slots[visible[cut]].manifest):
+            cut -= 1  # a retained delta needs every version back to its keyframe
+        for version in visible[:cut]:
             slots[version].evicted = True
             if slots[version].readers == 0:
                 self._drop(run_id, version)
@@ -312,6 +375,11 @@ class MemoryStore(WeightStore):
 
     def _discard(self, slot: Slot) -> None:
         slot.payload = b""
+
+
+def stored_size(manifest: WeightManifest) -> int:
+    """Bytes a version takes in the store: its delta's, or its payload's for a keyframe."""
+    return manifest.delta.encoded_bytes if weights_delta.is_delta(manifest) else manifest.total_bytes
 
 
 def open_store(spec: str, retain: int = 2, max_bytes: int = 16 << 30) -> WeightStore:

@@ -18,12 +18,12 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import grpc
 
-from cadence import errors, weights_wire
+from cadence import errors, weights_delta, weights_wire
 from cadence.grpc import channel
 from cadence.logging import get_logger
 from cadence.retry import Backoff, Retry, retry
 from cadence.v1 import broker_pb2, broker_pb2_grpc, common_pb2
-from cadence.weights import Assembler, Packed, iter_tensors, pack
+from cadence.weights import Assembler, Packed, iter_tensors, pack, verify_payload
 from cadence.weights_wire import iter_frames
 
 if TYPE_CHECKING:
@@ -98,13 +98,24 @@ class BrokerClient(WeightTransport):
         retries: int = 5,
         backoff: float = 0.2,
         max_backoff: float = 5.0,
+        keyframe_every: int = 10,
+        apply_deltas: bool = False,
     ) -> None:
+        """`keyframe_every`: publish every n-th version in full and the others as deltas against the version
+        before (1: always full); the last published payload is kept for that. `apply_deltas`: keep the last
+        fetched version and fetch the next as a delta applied onto it in place, so the tensors a fetch
+        yields are views that the next fetch overwrites (copy them to keep them)."""
         self.target = target
         self.run_id = run_id
         self.timeout = timeout
         self.stream_timeout = stream_timeout
         self.retries = retries
         self.backoff = Backoff(backoff, cap=max_backoff, jitter=True)
+        self.keyframe_every = max(1, keyframe_every)
+        self.apply_deltas = apply_deltas
+        self._sent: Packed | None = None  # the last version published, and how many deltas followed a keyframe
+        self._deltas_sent = 0
+        self._held: Packed | None = None  # the last version fetched (with `apply_deltas`), verified
         self._closed = False
         self._channel = channel(target)
         self._stub = broker_pb2_grpc.BrokerStub(self._channel)
@@ -124,7 +135,22 @@ class BrokerClient(WeightTransport):
         return self.publish_packed(pack(state_dict, run_id=self.run_id, version=version))
 
     def publish_packed(self, packed: Packed) -> VersionInfo:
-        """Upload an already packed version (a retry re-sends it whole: the broker keeps no partial upload)."""
+        """Upload an already packed version, as a delta against the last one when it pays (a retry re-sends
+        it whole: the broker keeps no partial upload). A delta the broker cannot apply goes as a keyframe."""
+        due = self._sent is None or self._deltas_sent + 1 >= self.keyframe_every
+        delta = None if due or self._sent is None else weights_delta.against(self._sent, packed)
+        info = None
+        if delta is not None:
+            try:
+                info = self._upload(delta)
+            except (errors.Conflict, errors.IntegrityError) as error:
+                log.warning("delta refused (%s); publishing version %d in full", error, packed.manifest.version)
+        if info is None:
+            delta, info = None, self._upload(packed)
+        self._sent, self._deltas_sent = packed, 0 if delta is None else self._deltas_sent + 1
+        return info
+
+    def _upload(self, packed: Packed) -> VersionInfo:
         return self._call(
             "Publish",
             lambda: self._publish(iter_frames(packed.manifest, packed.payload), timeout=self.stream_timeout),
@@ -170,12 +196,16 @@ class BrokerClient(WeightTransport):
         while True:
             offset = state.assembler.received if state.assembler is not None else 0
             request = broker_pb2.FetchRequest(run_id=self.run_id, version=version, offset=offset)
+            if self._held is not None and self._held.manifest.version < version:
+                request.base_version, request.base_sha256 = self._held.manifest.version, self._held.manifest.sha256
             call = self._fetch(request, timeout=self.stream_timeout)
             try:
                 for message in call:
                     loop.succeeded()
                     yield from self._receive(state, message)
-                if state.assembler is not None and state.assembler.complete:
+                if state.payload is not None:
+                    if self.apply_deltas:
+                        self._held = Packed(state.manifest, state.payload)
                     return
                 failure = "the stream ended early"
             except grpc.RpcError as error:
@@ -184,6 +214,8 @@ class BrokerClient(WeightTransport):
                 failure = f"{error.code().name}: {error.details()}"
             except _DamagedChunk as error:
                 failure = str(error)  # refused: fetch again from the last verified chunk
+            except _BadRebuild as error:
+                failure, self._held, state = str(error), None, _Fetch(version)  # fetch the full version
             finally:
                 call.cancel()
             delay = loop.failed()
@@ -212,11 +244,27 @@ class BrokerClient(WeightTransport):
             raise errors.IntegrityError("the broker sent something other than the manifest and then data chunks")
         try:  # a damaged chunk shows up in the `add` of a later chunk or in `finish` (verification is pipelined)
             state.assembler.add(message.data, message.offset)
-            if state.assembler.complete:
-                state.assembler.finish()
+            done = state.assembler.finish() if state.assembler.complete else None
         except errors.IntegrityError as error:
             raise _DamagedChunk(str(error)) from error
-        yield from state.ready()
+        if not weights_delta.is_delta(state.manifest):
+            state.payload = done
+            yield from state.ready()
+        elif done is not None:
+            yield from self._rebuild(state, done)
+
+    def _rebuild(self, state: _Fetch, delta: Any) -> Iterator[tuple[str, torch.Tensor]]:
+        """Apply a received delta onto the held version in place and check it against the full digests."""
+        assert self._held is not None
+        held, self._held = self._held, None  # changed in place from here on: never a base again unless verified
+        target = weights_delta.full(state.manifest)
+        try:
+            weights_delta.apply(held.payload, delta)
+            verify_payload(target, held.payload)
+        except errors.IntegrityError as error:
+            raise _BadRebuild(f"version {state.version} rebuilt from its delta is not the trainer's: {error}") from None
+        state.manifest, state.payload = target, held.payload
+        yield from iter_tensors(target, held.payload)
 
     def _check_manifest(self, state: _Fetch, manifest: common_pb2.WeightManifest) -> None:
         """Start assembling on the first manifest; on a resume, insist on the same payload."""
@@ -225,8 +273,18 @@ class BrokerClient(WeightTransport):
                 f"asked for run {self.run_id!r} version {state.version}, got {manifest.run_id!r} {manifest.version}"
             )
         if state.assembler is None:
-            state.assembler = Assembler(manifest)
-        elif manifest.sha256 != state.assembler.manifest.sha256:
+            if weights_delta.is_delta(manifest):
+                held = self._held
+                if held is None or (held.manifest.version, held.manifest.sha256) != (
+                    manifest.delta.base_version,
+                    manifest.delta.base_sha256,
+                ):
+                    raise errors.IntegrityError("the broker sent a delta against a version this fetcher lacks")
+                state.assembler = Assembler(weights_delta.transport(manifest))
+            else:
+                state.assembler = Assembler(manifest)
+            state.manifest = manifest
+        elif manifest != state.manifest:
             raise errors.IntegrityError(f"version {state.version} changed between resumed fetches; fetch it again")
 
     def _call(self, method: str, fn: Callable[[], T]) -> T:
@@ -249,12 +307,18 @@ class _DamagedChunk(errors.IntegrityError):
     """A chunk failed verification on the way: worth fetching again (a bad manifest is not)."""
 
 
+class _BadRebuild(errors.IntegrityError):
+    """A delta applied onto the held version did not rebuild the version's digests: fetch it in full."""
+
+
 class _Fetch:
     """Progress of one fetch across reconnects: the verified bytes so far and the tensors handed out."""
 
     def __init__(self, version: int) -> None:
         self.version = version
         self.assembler: Assembler | None = None
+        self.manifest = common_pb2.WeightManifest()  # as sent: a delta's, until it is applied
+        self.payload: Any = None  # the whole version, verified, once it is complete
         self.yielded = 0
 
     def ready(self) -> Iterator[tuple[str, torch.Tensor]]:
