@@ -5,10 +5,12 @@ and some inputs make sympy run for minutes. Each worker process runs math-verify
 the parent gives every item a hard deadline and kills and replaces a worker that overruns it, so a
 pathological answer costs at most the deadline and never blocks other requests.
 
-Why extraction happens here first: math-verify's cost grows with the text it scans (a 100 KB `\\boxed{...}`
-takes seconds), so only the last complete `\\boxed{}` (at most `MAX_ANSWER_CHARS`), else the last
-`TAIL_CHARS` of the response, ever reaches it. References are wrapped in `\\boxed{}` before parsing:
-a bare LaTeX reference such as `\\dfrac{1}{9}` otherwise parses to nothing.
+Why the response is cut here first: math-verify's cost grows with the text it scans (a 100 KB `\\boxed{...}`
+takes seconds), so it sees the response's last `TAIL_CHARS` (from a line start), or, when the last complete
+`\\boxed{}` (at most `MAX_ANSWER_CHARS`) lies before that tail, that box alone. Within the tail math-verify
+applies its own rules, so "final answer is $x$. I hope" and groups of boxes (`\\boxed{(1, 2)}, \\boxed{(2, 1)}`)
+are read as math-verify reads them; keeping only the last box disagreed with it on both. References are
+wrapped in `\\boxed{}` before parsing: a bare LaTeX reference such as `\\dfrac{1}{9}` otherwise parses to nothing.
 """
 
 from __future__ import annotations
@@ -26,8 +28,8 @@ from dataclasses import dataclass
 from importlib.metadata import version
 from typing import Literal
 
-Reason = Literal["correct", "incorrect", "no_answer", "timeout", "error"]
-REASONS: tuple[Reason, ...] = ("correct", "incorrect", "no_answer", "timeout", "error")
+Reason = Literal["correct", "incorrect", "no_answer", "timeout", "error", "trailing_text"]
+REASONS: tuple[Reason, ...] = ("correct", "incorrect", "no_answer", "timeout", "error", "trailing_text")
 SCORER_VERSION = f"math-verify-{version('math-verify')}"
 MAX_ANSWER_CHARS = 1024
 TAIL_CHARS = 4096
@@ -49,6 +51,7 @@ class Verdict:
 NO_ANSWER = Verdict(0.0, "no_answer")
 TIMEOUT = Verdict(0.0, "timeout")
 ERROR = Verdict(0.0, "error")
+TRAILING_TEXT = Verdict(0.0, "trailing_text")
 
 
 def _balanced_end(text: str, open_at: int, limit: int) -> int:
@@ -66,8 +69,8 @@ def _balanced_end(text: str, open_at: int, limit: int) -> int:
     return -1
 
 
-def last_boxed(text: str) -> str | None:
-    """Content of the last complete `\\boxed{...}` of at most `MAX_ANSWER_CHARS`, or None.
+def _last_box_span(text: str) -> tuple[int, int, int] | None:
+    """(start of `\\boxed`, its `{`, its closing `}`) of the last complete box of at most `MAX_ANSWER_CHARS`.
 
     Looks at no more than `MAX_BOXED_CANDIDATES` occurrences, so the cost stays bounded on any input.
     """
@@ -82,40 +85,78 @@ def last_boxed(text: str) -> str | None:
         if brace < len(text) and text[brace] == "{":
             close = _balanced_end(text, brace, MAX_ANSWER_CHARS)
             if close > 0:
-                return text[brace + 1 : close]
+                return start, brace, close
         end = start
     return None
 
 
+def last_boxed(text: str) -> str | None:
+    """Content of the last complete `\\boxed{...}` of at most `MAX_ANSWER_CHARS`, or None."""
+    span = _last_box_span(text)
+    return None if span is None else text[span[1] + 1 : span[2]]
+
+
+def _tail_start(response: str) -> int:
+    """Where the last `TAIL_CHARS` begin, moved to the next line start so no formula is cut in two."""
+    start = len(response) - TAIL_CHARS
+    if start <= 0:
+        return 0
+    newline = response.find("\n", start)
+    return newline + 1 if 0 <= newline < len(response) - 1 else start
+
+
 def extract_answer(response: str) -> str | None:
-    """The text handed to math-verify: the last `\\boxed{}` if any, else the response's tail; None if empty."""
-    boxed = last_boxed(response)
-    if boxed is not None:
+    """The text handed to math-verify: the response's tail, or the last box when it lies before the tail."""
+    start = _tail_start(response)
+    span = _last_box_span(response)
+    if span is not None and span[0] < start:
+        boxed = response[span[1] + 1 : span[2]]
         return f"\\boxed{{{boxed}}}" if boxed.strip() else None
-    tail = response[-TAIL_CHARS:]
+    tail = response[start:]
     return tail if tail.strip() else None
 
 
+_DECIMAL_COMMA = re.compile(r"[+-]?\d+,(?:\d{1,2}|\d{4,})")
+
+
 def wrap_reference(reference: str) -> str:
-    """Gold answers are often bare LaTeX (`\\dfrac{1}{9}`); wrap them so math-verify's extraction finds them."""
+    """Gold answers are often bare LaTeX (`\\dfrac{1}{9}`); wrap them so math-verify's extraction finds them.
+
+    Except a decimal comma (`1,22`): math-verify reads it bare as 1.22 but boxed as the set {1, 22}. (With three
+    digits after the comma, `58,500`, both readings are the thousands separator.)"""
     stripped = reference.strip()
-    if _BOXED in stripped or stripped.startswith(("$", "\\(", "\\[")):
+    if _BOXED in stripped or stripped.startswith(("$", "\\(", "\\[")) or _DECIMAL_COMMA.fullmatch(stripped):
         return stripped
     return f"\\boxed{{{stripped}}}"
 
 
 _INTEGER = re.compile(r"[+-]?\d{1,64}")
+_AFTER_LAST_BOX = re.compile(r"[\s$.\\\])]*")
+
+
+def runs_past_last_box(response: str) -> bool:
+    """Whether text other than closing `$`, `\\]`, `\\)`, `.` or space follows the last complete box
+    (`\\boxed{167}6}`); False when there is no box."""
+    span = _last_box_span(response)
+    return span is not None and not _AFTER_LAST_BOX.fullmatch(response, span[2] + 1)
 
 
 def integer_verdict(answer: str, reference: str) -> Verdict | None:
-    """The verdict for a boxed integer against an integer reference, without math-verify; else None.
+    """The verdict for a lone boxed integer against an integer reference, without math-verify; else None.
 
-    Integers compare exactly, so this agrees with math-verify by construction, and it skips the ~1.4 ms
-    parse + verify (plus a pool round trip) that most toy and many MATH answers would otherwise cost.
+    Only where math-verify would read that box and nothing else: the text has exactly one `\\boxed`, it is
+    complete and last (only closing `$`, `\\]`, `\\)`, `.` after it), and no "final answer" phrase (which
+    math-verify ranks with boxes). Integers compare exactly, so this agrees with math-verify by construction
+    and skips the ~1.4 ms parse + verify (plus a pool round trip) that most toy answers would otherwise cost.
     """
-    predicted = answer[len(_BOXED) + 1 : -1].strip() if answer.startswith(_BOXED + "{") else None
+    span = _last_box_span(answer)
+    if span is None or answer.count(_BOXED) != 1 or not _AFTER_LAST_BOX.fullmatch(answer, span[2] + 1):
+        return None
+    if "final answer" in answer.lower():
+        return None
+    predicted = answer[span[1] + 1 : span[2]].strip()
     gold = reference.strip().removeprefix(_BOXED + "{").removesuffix("}").strip() if reference else ""
-    if predicted is None or not _INTEGER.fullmatch(predicted) or not _INTEGER.fullmatch(gold):
+    if not _INTEGER.fullmatch(predicted) or not _INTEGER.fullmatch(gold):
         return None
     return Verdict(1.0, "correct") if int(predicted) == int(gold) else Verdict(0.0, "incorrect")
 
@@ -205,15 +246,20 @@ class MathVerifier:
     process. A worker that overruns the deadline is killed and replaced (`restarts` counts them) and the
     item's reason is `timeout`. An item whose worker dies is retried once on a fresh worker (the worker may
     have been killed from outside), then its reason is `error`.
+
+    `strict_format`: a response that runs on past its last box scores 0 (`trailing_text`) even when the box is
+    right. Lenient, `\\boxed{167}6}` counts as 167; trained on with DPO, such answers are chosen over ones that
+    stop, and the policy learns to stop emitting EOS (the toy's length collapse, bench/paper.py).
     """
 
-    def __init__(self, processes: int = 2, item_timeout: float = 5.0) -> None:
+    def __init__(self, processes: int = 2, item_timeout: float = 5.0, strict_format: bool = False) -> None:
         if processes < 1:
             raise ValueError("processes must be at least 1")
         if item_timeout <= 0:
             raise ValueError("item_timeout must be positive")
         self.processes = processes
         self.item_timeout = item_timeout
+        self.strict_format = strict_format
         self.restarts = 0
         self._context = multiprocessing.get_context("forkserver")
         self._context.set_forkserver_preload(["math_verify", __name__])
@@ -252,6 +298,9 @@ class MathVerifier:
         if self._closed:
             raise RuntimeError("MathVerifier is closed")
         future: Future[Verdict] = Future()
+        if self.strict_format and runs_past_last_box(response):
+            future.set_result(TRAILING_TEXT)
+            return future
         answer = extract_answer(response)
         if answer is None:
             future.set_result(NO_ANSWER)

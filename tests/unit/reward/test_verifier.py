@@ -66,7 +66,9 @@ def test_extraction_is_bounded() -> None:
     tail = extract_answer("x" * 100_000)
     assert tail is not None and len(tail) == TAIL_CHARS
     assert extract_answer("   ") is None
-    assert extract_answer("\\boxed{ }") is None
+    assert extract_answer("\\boxed{ }" + "x" * TAIL_CHARS) is None  # an empty box before the tail: no answer
+    long = "\\boxed{12}\n" + "x" * TAIL_CHARS + "\nso \\boxed{7}"
+    assert extract_answer(long) == long[-TAIL_CHARS - 1 :].split("\n", 1)[1]  # the tail, from a line start
 
 
 def test_reference_wrapping_makes_bare_latex_parse() -> None:
@@ -199,3 +201,36 @@ def test_integer_fast_path_declines_non_integers() -> None:
     assert integer_verdict("\\boxed{3.5}", "3.5") is None
     assert integer_verdict("\\boxed{12}", "\\frac{1}{2}") is None
     assert integer_verdict("the answer is 12", "12") is None
+
+
+@pytest.mark.parametrize(
+    "answer",
+    ["\\boxed{555", "\\boxed{55", "\\boxed{1} and \\boxed{55}", "\\boxed{55} pct", "Final answer: \\boxed{55}"],
+)
+def test_integer_fast_path_declines_what_math_verify_would_read_otherwise(answer: str) -> None:
+    """An unclosed box (`\\boxed{555` once passed as 55), several boxes, or text math-verify ranks with boxes."""
+    from cadence.reward.verifier import integer_verdict
+
+    assert integer_verdict(answer, "55") is None
+
+
+def test_strict_format_scores_text_after_the_last_box_zero(verifier: MathVerifier) -> None:
+    """The toy's length collapse: `\\boxed{167}6}` verifies as 167 leniently; strict, only a stop after the box."""
+    from cadence.reward.verifier import runs_past_last_box
+
+    strict = MathVerifier(processes=1, item_timeout=3.0, strict_format=True)
+    try:
+        assert strict.wait_ready()
+        for response, lenient, strict_reason in [
+            (" \\boxed{167}", "correct", "correct"),
+            ("so $\\boxed{167}$.", "correct", "correct"),
+            (" \\boxed{167}6}", "correct", "trailing_text"),
+            (" \\boxed{167} and more", "correct", "trailing_text"),
+            (" \\boxed{166}6}", "incorrect", "trailing_text"),
+            ("no box", "no_answer", "no_answer"),
+        ]:
+            assert verifier.verify(response, "167").reason == lenient, response
+            assert strict.verify(response, "167").reason == strict_reason, response
+    finally:
+        strict.close()
+    assert runs_past_last_box(" \\boxed{1}2}") and not runs_past_last_box(" \\boxed{12}") and not runs_past_last_box("")
