@@ -110,7 +110,7 @@ def bench_model(model: str, model_dir: Path, broker: str) -> list[dict[str, Any]
     from safetensors.torch import load_file
 
     from cadence.clients import BrokerClient
-    from cadence.inference.engine import HFEngine
+    from cadence.inference.hf_engine import HFEngine
     from cadence.inference.vllm_engine import VllmEngine
 
     max_tokens = 14 if model == "tiny" else 32

@@ -35,7 +35,8 @@ def sequential(steps: int, seed: int = 0) -> list[dict[str, float]]:
     import torch
 
     from cadence.config import load_run_config
-    from cadence.inference.engine import SamplingParams, create_engine
+    from cadence.inference.engine import SamplingParams
+    from cadence.inference.factory import create_engine
     from cadence.models import resolve_model
     from cadence.reward.verifier import MathVerifier
     from cadence.tasks import load_problems

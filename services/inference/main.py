@@ -25,7 +25,7 @@ if TYPE_CHECKING:
 def serve(settings: InferenceSettings) -> None:
     """Run the inference service until SIGTERM/SIGINT; exit non-zero if the worker crashes."""
     from cadence.grpc import ServiceServer
-    from cadence.inference.engine import create_engine, resolve_engine_kind
+    from cadence.inference.factory import create_engine, resolve_engine_kind
     from cadence.inference.server import InferenceServicer
     from cadence.inference.worker import default_worker_id
     from cadence.logging import setup_logging

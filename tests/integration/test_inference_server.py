@@ -13,7 +13,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from cadence.errors import ConfigError
 from cadence.grpc import ServiceServer, channel
-from cadence.inference.engine import HFEngine, SamplingParams
+from cadence.inference.engine import SamplingParams
+from cadence.inference.hf_engine import HFEngine
 from cadence.inference.main import serve
 from cadence.inference.server import InferenceServicer
 from cadence.net import free_port

@@ -20,7 +20,8 @@ from safetensors.torch import load_file
 
 from cadence.broker.main import build
 from cadence.clients import BrokerClient
-from cadence.inference.engine import HFEngine, SamplingParams
+from cadence.inference.engine import SamplingParams
+from cadence.inference.hf_engine import HFEngine
 from cadence.inference.worker import RolloutWorker
 from cadence.net import free_port
 from cadence.settings import BrokerSettings

@@ -14,7 +14,9 @@ import torch
 from safetensors.torch import load_file
 
 from cadence.errors import ConfigError, IntegrityError, InvalidRequest, NotReady, TooLarge
-from cadence.inference.engine import HFEngine, SamplingParams, create_engine, prompt_input
+from cadence.inference.engine import SamplingParams, prompt_input
+from cadence.inference.factory import create_engine
+from cadence.inference.hf_engine import HFEngine
 from cadence.v1 import common_pb2
 
 torch.set_num_threads(1)

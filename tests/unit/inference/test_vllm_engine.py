@@ -16,7 +16,8 @@ import torch
 from safetensors.torch import load_file
 
 from cadence.errors import InvalidRequest
-from cadence.inference.engine import Generation, HFEngine, SamplingParams
+from cadence.inference.engine import Generation, SamplingParams
+from cadence.inference.hf_engine import HFEngine
 from cadence.inference.vllm_engine import handoff_dir
 
 if TYPE_CHECKING:
