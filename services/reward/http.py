@@ -5,16 +5,15 @@ converts back. One handler maps `cadence.errors` to status codes; malformed JSON
 with the field path; bodies over the limit give 413; saturation gives 429 with `Retry-After`.
 """
 
-from __future__ import annotations
-
 import time
-from typing import Annotated, Any, Literal
+from dataclasses import dataclass
+from typing import Annotated, Any, Literal, Union
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
-from pydantic import BaseModel, ConfigDict, Field, StrictFloat, StrictInt, StrictStr
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, StrictFloat, StrictInt, StrictStr, Tag
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from cadence.errors import CadenceError, InvalidRequest, Overloaded, TooLarge, Unauthenticated
@@ -22,23 +21,10 @@ from cadence.logging import get_logger
 from cadence.metrics import CONTENT_TYPE_LATEST, metrics_text
 from cadence.reward import metrics
 from cadence.reward.auth import ApiKeys
-from cadence.reward.scoring import Item, Result, Scorer
+from cadence.reward.scoring import Item, Limits, Result, Scorer
 from cadence.reward.verifier import REASONS
 
 log = get_logger(__name__)
-Task = Literal["math", "chat"]
-Label = StrictStr | StrictInt | StrictFloat | None
-
-
-class ScoreItemIn(BaseModel):
-    prompt: StrictStr = ""
-    response: StrictStr
-    reference: StrictStr = Field("", description="Gold answer; required for task 'math'.")
-    task: Task = "math"
-
-
-class ScoreRequest(BaseModel):
-    items: list[ScoreItemIn]
 
 
 class ScoreResultOut(BaseModel):
@@ -52,26 +38,10 @@ class ScoreReply(BaseModel):
     results: list[ScoreResultOut] = Field(description="Same order as the request's items.")
 
 
-class OpenRLHFRequest(BaseModel):
-    model_config = ConfigDict(extra="allow")
-    query: list[StrictStr] = Field(description="Prompt and response as one string, per sample.")
-    prompts: list[StrictStr] | None = Field(None, description="The prompt of each query (stripped from it).")
-    labels: list[Label] | None = Field(None, description="Gold answers; given → task 'math', else 'chat'.")
-    task: Task | None = None
-
-
 class OpenRLHFReply(BaseModel):
     rewards: list[float]
     scores: list[float]
     extra_logs: dict[str, list[float]] = Field(description="Per reason, 1.0 for the samples with that reason.")
-
-
-class SlimeRequest(BaseModel):
-    model_config = ConfigDict(extra="allow")
-    prompt: StrictStr = ""
-    response: StrictStr
-    label: Label = None
-    task: Task | None = Field(None, description="Default: 'math' when a label is given, else 'chat'.")
 
 
 class SlimeReply(BaseModel):
@@ -79,9 +49,91 @@ class SlimeReply(BaseModel):
     reason: str
 
 
+NON_BLANK = r"\S"
+"""A gold answer must hold more than whitespace (the scorer strips it)."""
+MATH_NEEDS_A_LABEL = {"if": {"required": ["task"], "properties": {"task": {"const": "math"}}}}
+
+
+@dataclass(frozen=True)
+class RequestModels:
+    """The request bodies of one app, with the limits its scorer enforces written into their schema."""
+
+    score: type[BaseModel]
+    openrlhf: type[BaseModel]
+    slime: type[BaseModel]
+
+
+def request_models(limits: Limits, tasks: list[str]) -> RequestModels:
+    """Request models stating `limits` (item counts, string lengths) and the rules of the tasks served.
+
+    A math item needs a non-blank reference; a chat item exists in the schema only when a reward model is
+    loaded. One rule JSON Schema cannot state is said in the descriptions: `prompts` and `labels` of
+    /get_reward have one entry per query. Bodies over the byte limit get 413 before any parsing."""
+    Task = Literal[tuple(tasks)]
+    Prompt = Annotated[StrictStr, Field(max_length=limits.max_prompt_chars)]
+    Response = Annotated[StrictStr, Field(max_length=limits.max_response_chars)]
+    Reference = Annotated[StrictStr, Field(max_length=limits.max_reference_chars, pattern=NON_BLANK)]
+    Label = Reference | StrictInt | Annotated[StrictFloat, Field(allow_inf_nan=False)]
+    counts: dict[str, Any] = {"min_length": 1, "max_length": limits.max_items}
+
+    class MathItem(BaseModel):
+        prompt: Prompt = ""
+        response: Response
+        reference: Reference = Field(description="Gold answer (non-blank).")
+        task: Literal["math"] = "math"
+
+    class ChatItem(BaseModel):
+        prompt: Prompt = ""
+        response: Response
+        reference: Annotated[StrictStr, Field(max_length=limits.max_reference_chars)] = ""
+        task: Literal["chat"]
+
+    kinds = [Annotated[MathItem, Tag("math")]] + ([Annotated[ChatItem, Tag("chat")]] if "chat" in tasks else [])
+    ScoreItemIn = Annotated[Union[tuple(kinds)], Discriminator(_task_of)]  # noqa: UP007
+
+    class ScoreRequest(BaseModel):
+        items: list[ScoreItemIn] = Field(**counts)
+
+    chat_note = "" if "chat" in tasks else " (this instance has no reward model: labels are required)"
+
+    class OpenRLHFRequest(BaseModel):
+        model_config = ConfigDict(extra="allow", json_schema_extra=_needs(["labels"], "chat" not in tasks))
+        query: list[Response] = Field(description="Prompt and response as one string, per sample.", **counts)
+        prompts: Annotated[list[Prompt], Field(**counts)] | None = Field(
+            None, description="The prompt of each query (stripped from it); one per query."
+        )
+        labels: Annotated[list[Label], Field(**counts)] | None = Field(
+            None, description=f"Gold answers, one per query; given → task 'math', else 'chat'{chat_note}."
+        )
+        task: Task | None = None
+
+    class SlimeRequest(BaseModel):
+        model_config = ConfigDict(extra="allow", json_schema_extra=_needs(["label"], "chat" not in tasks))
+        prompt: Prompt = ""
+        response: Response
+        label: Label | None = None
+        task: Task | None = Field(None, description=f"Default: 'math' when a label is given, else 'chat'{chat_note}.")
+
+    return RequestModels(ScoreRequest, OpenRLHFRequest, SlimeRequest)
+
+
+def _task_of(item: Any) -> str:
+    task = item.get("task", "math") if isinstance(item, dict) else getattr(item, "task", "math")
+    return task if task in ("math", "chat") else "math"
+
+
+def _needs(fields: list[str], always: bool) -> dict[str, Any]:
+    """JSON Schema for "these fields are given (not null) when task is math, or always with no reward model"."""
+    rule = {"required": fields, "properties": {field: {"not": {"type": "null"}} for field in fields}}
+    return {"allOf": [rule]} if always else {**MATH_NEEDS_A_LABEL, "then": rule}
+
+
 def _field_path(loc: tuple[Any, ...]) -> str:
+    """`items[1].reference` from pydantic's loc (less `body`, and the item-kind tag after an index)."""
     path = ""
-    for part in loc[1:] if loc and loc[0] == "body" else loc:
+    parts = list(loc[1:] if loc and loc[0] == "body" else loc)
+    parts = [p for i, p in enumerate(parts) if not (p in ("math", "chat") and i and isinstance(parts[i - 1], int))]
+    for part in parts:
         path += f"[{part}]" if isinstance(part, int) else (f".{part}" if path else str(part))
     return path or "body"
 
@@ -184,6 +236,8 @@ def create_app(
     app.add_middleware(RequestLimit, max_requests=max_requests, paths=SCORING_PATHS)
     _install_metrics_middleware(app)
     guarded = [Depends(_authorize)]
+    models = request_models(scorer.limits, ["math"] + (["chat"] if scorer.reward_model else []))
+    ScoreRequest, OpenRLHFRequest, SlimeRequest = models.score, models.openrlhf, models.slime
 
     @app.post("/v1/score", dependencies=guarded, tags=["scoring"])
     def score(request: ScoreRequest) -> ScoreReply:
@@ -240,7 +294,7 @@ def _score(scorer: Scorer, items: list[Item]) -> list[Result]:
     return results
 
 
-def _openrlhf_items(request: OpenRLHFRequest) -> list[Item]:
+def _openrlhf_items(request: Any) -> list[Item]:
     count = len(request.query)
     for name in ("prompts", "labels"):
         given = getattr(request, name)
