@@ -234,6 +234,7 @@ class TrainLoop:
             "length_hist": _histogram(lengths, self.config.sampling.max_tokens),
             "staleness_mean": _mean(staleness),
             "staleness_max": max(staleness, default=None),
+            **_termination(groups, self.tokenizer.eos_token_id),
             "pairs_kept": metrics.get("pairs_kept", 0),
             "pairs_skipped": metrics.get("pairs_skipped", 0),
             "rejected_rollouts": self.intake.rejected,
@@ -292,6 +293,31 @@ def _tensorboard(run_dir: Path) -> Any:
 
 def _mean(values: list[float] | list[int]) -> float | None:
     return sum(values) / len(values) if values else None
+
+
+def _termination(groups: list[Group], eos_id: int) -> dict[str, float | None]:
+    """Math samples ending with EOS, right and wrong apart, and the generating policy's log-prob of that EOS.
+
+    The length-collapse signal: DPO's chosen are the right answers, so when right answers run on past the box
+    to the length cap (`\\boxed{167}6}` still verifies) while wrong ones stop, EOS appears only on the rejected
+    side, and each step pushes its log-probability down."""
+    ended: dict[bool, list[float]] = {True: [], False: []}
+    eos_logps: dict[bool, list[float]] = {True: [], False: []}
+    for group in groups:
+        if group.task != "math":
+            continue
+        logps = group.behavior_logps or [[] for _ in group.completions]
+        for tokens, reward, sample_logps in zip(group.completions, group.rewards, logps, strict=True):
+            stops = bool(tokens) and tokens[-1] == eos_id
+            ended[reward >= 0.5].append(float(stops))
+            if stops and len(sample_logps) == len(tokens):
+                eos_logps[reward >= 0.5].append(sample_logps[-1])
+    return {
+        "eos_rate_correct": _mean(ended[True]),
+        "eos_rate_incorrect": _mean(ended[False]),
+        "eos_logp_correct": _mean(eos_logps[True]),
+        "eos_logp_incorrect": _mean(eos_logps[False]),
+    }
 
 
 def _histogram(lengths: list[int], max_len: int) -> list[int]:
