@@ -23,7 +23,7 @@ MAX_STREAMS = 56
 def build(settings: BrokerSettings) -> tuple[ServiceServer, BrokerServicer]:
     """The server (not started) and its servicer, for `serve` and for tests."""
     from cadence.broker.server import BrokerServicer, add_to_server
-    from cadence.broker.store import open_store
+    from cadence.broker.factory import open_store
     from cadence.grpc import ServiceServer
 
     store = open_store(settings.store, retain=settings.retain, max_bytes=settings.max_bytes)

@@ -380,14 +380,3 @@ class MemoryStore(WeightStore):
 def stored_size(manifest: WeightManifest) -> int:
     """Bytes a version takes in the store: its delta's, or its payload's for a keyframe."""
     return manifest.delta.encoded_bytes if weights_delta.is_delta(manifest) else manifest.total_bytes
-
-
-def open_store(spec: str, retain: int = 2, max_bytes: int = 16 << 30) -> WeightStore:
-    """`memory` or a directory path (created if missing)."""
-    if spec == "memory":
-        return MemoryStore(retain, max_bytes)
-    if not spec:
-        raise ConfigError("the store is empty: pass --store memory or --store DIR (CADENCE_STORE)")
-    from cadence.broker.directory_store import DirectoryStore  # a subclass of WeightStore: it imports this module
-
-    return DirectoryStore(Path(spec), retain, max_bytes)

@@ -12,7 +12,8 @@ import pytest
 import torch
 
 from cadence.broker.directory_store import DirectoryStore
-from cadence.broker.store import MemoryStore, WeightStore, open_store
+from cadence.broker.factory import open_store
+from cadence.broker.store import MemoryStore, WeightStore
 from cadence.errors import ConfigError, Conflict, InvalidRequest, NotReady, Overloaded, TooLarge, VersionNotFound
 from cadence.weights import Packed, pack
 
