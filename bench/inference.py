@@ -152,10 +152,10 @@ def main() -> None:
     import torch
 
     from cadence.broker.main import build
+    from cadence.broker.settings import BrokerSettings
     from cadence.models.seed import build_tiny
     from cadence.models.smollm2 import build_smollm2
     from cadence.net import free_port
-    from cadence.settings import BrokerSettings
 
     torch.set_num_threads(os.cpu_count() or 1)
     server, servicer = build(BrokerSettings(host="127.0.0.1", grpc_port=free_port(), store="memory"))

@@ -13,8 +13,9 @@ import threading
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
+from cadence.inference.settings import InferenceSettings
 from cadence.logging import get_logger
-from cadence.settings import InferenceSettings, default_port
+from cadence.settings import default_port
 
 if TYPE_CHECKING:
     from cadence.grpc import ServiceServer

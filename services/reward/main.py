@@ -20,9 +20,10 @@ from cadence.reward.auth import ApiKeys
 from cadence.reward.grpc_server import SERVICE, AuthInterceptor, RewardServicer
 from cadence.reward.http import create_app
 from cadence.reward.scoring import Limits, Scorer
+from cadence.reward.settings import RewardSettings
 from cadence.reward.verifier import MathVerifier
 from cadence.reward.worker import RewardWorker
-from cadence.settings import RewardSettings, default_port
+from cadence.settings import default_port
 from cadence.v1 import reward_pb2_grpc
 
 log = get_logger(__name__)

@@ -18,7 +18,8 @@ from typing import Any
 from cadence.config import RunConfig, dump_run_config, load_run_config
 from cadence.errors import ConfigError, exit_on_error
 from cadence.logging import get_logger, setup_logging
-from cadence.settings import TrainerSettings, default_port, from_argv
+from cadence.settings import default_port, from_argv
+from cadence.trainer.settings import TrainerSettings
 
 log = get_logger(__name__)
 

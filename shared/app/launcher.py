@@ -8,7 +8,6 @@ report. A service that dies stops the run with its last log lines and a non-zero
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import shutil
 import sys
@@ -45,9 +44,9 @@ def make_plan(config: RunConfig, runs_root: Path, redis_url: str = "", engine: s
     """Give the run a unique id and folder, choose the engine and free ports."""
     stamp = time.strftime("%Y%m%d-%H%M%S")
     config = config.model_copy(update={"run_id": f"{config.run_id or 'run'}-{stamp}"})
-    chosen = engine or config.inference.engine
-    if chosen == "auto":
-        chosen = "vllm" if importlib.util.find_spec("vllm") is not None else "hf"
+    from cadence.app.wiring import engine_kind
+
+    chosen = engine_kind(engine or config.inference.engine)
     ports = {name: free_port() for name in SERVICES}
     ports["reward_http"] = free_port()
     for index in range(config.inference.workers):
@@ -231,29 +230,14 @@ def read_metrics(path: Path, offset: int) -> tuple[list[dict], int]:
 
 def evaluate_model(plan: RunPlan, model_dir: str, out_name: str) -> dict:
     """Evaluate `model_dir` on the run's eval set; write `<out_name>.json` and its per-problem JSONL."""
-    from transformers.utils import logging as hf_logging
+    from cadence.app.wiring import run_eval
 
-    from cadence.app.evaluation import evaluate_math, load_eval_problems
-    from cadence.inference.engine import create_engine
-
-    hf_logging.disable_progress_bar()  # the launcher draws its own progress
     spec = plan.config.eval
-    problems = load_eval_problems(spec.dataset, spec.split, spec.max_problems, seed=plan.config.seed)
-    engine = create_engine(plan.engine if spec.engine == "auto" else spec.engine, model_dir)
-    try:
-        summary = evaluate_math(
-            engine,
-            problems,
-            samples=spec.samples,
-            temperature=spec.temperature,
-            top_p=spec.top_p,
-            max_tokens=spec.max_tokens or plan.config.sampling.max_tokens,
-            out=plan.run_dir / f"{out_name}.jsonl",
-            label=model_dir,
-            dataset=spec.dataset,
-        )
-    finally:
-        engine.close()
+    spec = spec.model_copy(update={"engine": plan.engine if spec.engine == "auto" else spec.engine})
+    max_tokens = spec.max_tokens or plan.config.sampling.max_tokens
+    summary = run_eval(
+        spec, model_dir, seed=plan.config.seed, max_tokens=max_tokens, out=plan.run_dir / f"{out_name}.jsonl"
+    )
     result = summary.to_json()
     (plan.run_dir / f"{out_name}.json").write_text(json.dumps(result, indent=2))
     return result

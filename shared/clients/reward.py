@@ -122,8 +122,10 @@ def _results(body: dict[str, Any]) -> list[ScoreResult]:
     return [ScoreResult(**result) for result in body["results"]]
 
 
-class RewardClient:
-    """Blocking client; thread-safe (one connection pool)."""
+class _Client:
+    """What both clients share: the connection pool (`httpx.<_pool>`) and the retry policy."""
+
+    _pool = "Client"
 
     def __init__(
         self,
@@ -138,7 +140,14 @@ class RewardClient:
 
         self._httpx = httpx
         self._policy = _Policy(timeout, retries, backoff)
-        self._client = httpx.Client(base_url=base_url, headers=_headers(api_key), timeout=timeout)
+        self._client = getattr(httpx, self._pool)(base_url=base_url, headers=_headers(api_key), timeout=timeout)
+
+    def _unreachable(self, error: Exception) -> _Again:
+        return _Again(NotReady(f"reward service unreachable at {self._client.base_url}: {error!r}"))
+
+
+class RewardClient(_Client):
+    """Blocking client; thread-safe (one connection pool)."""
 
     def score(self, items: Sequence[ScoreItem]) -> list[ScoreResult]:
         """Results in the order of `items`."""
@@ -158,7 +167,7 @@ class RewardClient:
             try:
                 return _reply(self._client.post(path, json=payload, timeout=_remaining(deadline)))
             except self._httpx.TransportError as error:
-                raise _Again(NotReady(f"reward service unreachable at {self._client.base_url}: {error!r}")) from error
+                raise self._unreachable(error) from error
 
         try:
             return retry(attempt, loop, retry_on=_Again, at_least=_wait_at_least)
@@ -175,23 +184,10 @@ class RewardClient:
         self.close()
 
 
-class AsyncRewardClient:
+class AsyncRewardClient(_Client):
     """The asyncio twin of `RewardClient`."""
 
-    def __init__(
-        self,
-        base_url: str,
-        *,
-        api_key: str | None = None,
-        timeout: float = 60.0,
-        retries: int = 4,
-        backoff: float = 0.25,
-    ) -> None:
-        import httpx
-
-        self._httpx = httpx
-        self._policy = _Policy(timeout, retries, backoff)
-        self._client = httpx.AsyncClient(base_url=base_url, headers=_headers(api_key), timeout=timeout)
+    _pool = "AsyncClient"
 
     async def score(self, items: Sequence[ScoreItem]) -> list[ScoreResult]:
         return _results(await self.post("/v1/score", {"items": [asdict(item) for item in items]}))
@@ -209,7 +205,7 @@ class AsyncRewardClient:
             try:
                 return _reply(await self._client.post(path, json=payload, timeout=_remaining(deadline)))
             except self._httpx.TransportError as error:
-                raise _Again(NotReady(f"reward service unreachable at {self._client.base_url}: {error!r}")) from error
+                raise self._unreachable(error) from error
 
         try:
             return await aretry(attempt, loop, retry_on=_Again, at_least=_wait_at_least)

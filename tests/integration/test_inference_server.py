@@ -17,8 +17,8 @@ from cadence.inference.engine import SamplingParams
 from cadence.inference.hf_engine import HFEngine
 from cadence.inference.main import serve
 from cadence.inference.server import InferenceServicer
+from cadence.inference.settings import InferenceSettings
 from cadence.net import free_port
-from cadence.settings import InferenceSettings
 from cadence.v1 import common_pb2, inference_pb2, inference_pb2_grpc
 
 torch.set_num_threads(1)

@@ -19,12 +19,12 @@ import torch
 from safetensors.torch import load_file
 
 from cadence.broker.main import build
+from cadence.broker.settings import BrokerSettings
 from cadence.clients import BrokerClient
 from cadence.inference.engine import SamplingParams
 from cadence.inference.hf_engine import HFEngine
 from cadence.inference.worker import RolloutWorker
 from cadence.net import free_port
-from cadence.settings import BrokerSettings
 from cadence.streams import GROUPS, StreamProducer, connect, stream_key
 from cadence.v1 import common_pb2
 
