@@ -12,7 +12,8 @@ final accuracy minus 2 points. Evaluating checkpoints afterwards costs a few sec
 re-running each regime at several step budgets would multiply the runs.
 
 Run: `.venv/bin/python -m bench.paper [--quick]` (full ~24 min, --quick ~2.5 min on 2 cores).
-Writes bench/results/paper.md, paper.json and PNGs.
+Writes bench/results/paper.md, paper.json and PNGs. `--sweep`: the learning-rate × regime sweep of
+bench/sweep.py instead (~1 h; `--steps/--seeds/--lrs/--regimes` narrow it).
 """
 
 from __future__ import annotations
@@ -79,8 +80,8 @@ def accuracy_curve(run: Run, setup: Setup) -> list[tuple[int, float, float]]:
     """(step, wall-clock seconds of training up to it, held-out accuracy) at the seed, each checkpoint and the end."""
     import torch
 
-    from cadence.app.evaluation import evaluate_math, load_eval_problems
-    from cadence.inference.engine import create_engine
+    from cadence.app.evaluation import load_eval_problems
+    from cadence.app.wiring import math_accuracy, open_sampler
 
     times = [0.0]
     for metric in run.metrics:
@@ -88,18 +89,15 @@ def accuracy_curve(run: Run, setup: Setup) -> list[tuple[int, float, float]]:
     problems = load_eval_problems("toy", "test", setup.problems, seed=0)
     curve = [(0, 0.0, run.before["accuracy"])]
     folders = sorted((run.folder / "checkpoints").glob("step-*"), key=lambda p: int(p.name.split("-")[1]))
-    engine = create_engine("hf", run.folder / "final")
-    try:
+    with open_sampler("hf", run.folder / "final") as sampler:
         for folder in folders:
             step = int(folder.name.split("-")[1])
             if step >= setup.steps:
                 continue
             state = torch.load(folder / "mp_rank_00_model_states.pt", weights_only=False, map_location="cpu")
-            engine.load_weights(state["module"].items(), step)
-            summary = evaluate_math(engine, problems, samples=setup.k, temperature=0.6, top_p=0.9, max_tokens=14)
+            sampler.engine.load_weights(state["module"].items(), step)
+            summary = math_accuracy(sampler, problems, samples=setup.k, temperature=0.6, top_p=0.9, max_tokens=14)
             curve.append((step, times[step], summary.accuracy))
-    finally:
-        engine.close()
     curve.append((setup.steps, times[-1], run.after["accuracy"]))
     return curve
 
@@ -108,20 +106,13 @@ def rm_win_rate(run: Run, setup: Setup) -> tuple[float, float | None]:
     """(win rate, length-normalised reward) of the run's final model against the seed's answers on held-out
     toy chat prompts, judged by tiny-RM — the reward model it trained on (so reward hacking shows as a high
     win rate with a falling math accuracy)."""
-    from cadence.app.evaluation import baseline_answers, evaluate_chat, load_eval_problems
-    from cadence.inference.engine import create_engine
-    from cadence.models import resolve_model
-    from cadence.reward.reward_model import RewardModel
+    from cadence.app.evaluation import evaluate_chat, load_eval_problems
+    from cadence.app.wiring import baseline_answers, open_sampler, reward_model
 
     problems = load_eval_problems("toy", "test", setup.problems, seed=0, kind="chat")
     seed_answers = baseline_answers(problems, "tiny", "hf", 0.6, 0.9, 14)
-    engine = create_engine("hf", run.folder / "final")
-    try:
-        summary = evaluate_chat(
-            engine, problems, RewardModel(str(resolve_model("tiny-rm"))), seed_answers, max_tokens=14
-        )
-    finally:
-        engine.close()
+    with open_sampler("hf", run.folder / "final") as sampler:
+        summary = evaluate_chat(sampler, problems, reward_model("tiny-rm"), seed_answers, max_tokens=14)
     return summary.accuracy, summary.length_normalized_reward
 
 
@@ -231,12 +222,28 @@ def report(
     return md, notes
 
 
+def sweep(args: argparse.Namespace) -> str:
+    """`--sweep`: bench/sweep.py's grid, narrowed by `--steps/--seeds/--lrs/--regimes` for a reduced run."""
+    from bench.sweep import LRS, REGIMES, Grid, run_sweep
+
+    regimes = [r for r in REGIMES if args.regimes is None or r[0] in args.regimes]
+    grid = Grid(regimes=regimes, lrs=tuple(args.lrs or LRS))
+    grid.steps, grid.seeds = args.steps or grid.steps, args.seeds or grid.seeds
+    return run_sweep(grid)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="1 seed, 12 steps, 3 regimes")
     parser.add_argument("--steps", type=int, default=None)
     parser.add_argument("--seeds", type=int, default=None)
+    parser.add_argument("--sweep", action="store_true", help="lr × regime sweep instead (bench/sweep.py, ~1 h)")
+    parser.add_argument("--lrs", type=float, nargs="+", default=None, help="--sweep: learning rates")
+    parser.add_argument("--regimes", nargs="+", default=None, help="--sweep: regime labels (default: all)")
     args = parser.parse_args()
+    if args.sweep:
+        print(sweep(args))
+        return
     if args.quick:
         setup = Setup(args.steps or 12, args.seeds or 1, 100, 2, [MAIN[0], MAIN[1], MAIN[3]], [])
     else:

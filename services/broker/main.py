@@ -9,7 +9,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from cadence.settings import BrokerSettings, default_port
+from cadence.broker.settings import BrokerSettings
+from cadence.settings import default_port
 
 if TYPE_CHECKING:
     from cadence.broker.server import BrokerServicer
@@ -22,8 +23,8 @@ MAX_STREAMS = 56
 
 def build(settings: BrokerSettings) -> tuple[ServiceServer, BrokerServicer]:
     """The server (not started) and its servicer, for `serve` and for tests."""
-    from cadence.broker.server import BrokerServicer, add_to_server
     from cadence.broker.factory import open_store
+    from cadence.broker.server import BrokerServicer, add_to_server
     from cadence.grpc import ServiceServer
 
     store = open_store(settings.store, retain=settings.retain, max_bytes=settings.max_bytes)

@@ -61,7 +61,7 @@ def serve_broker(
 ) -> None:
     """Weight-sync broker: versioned weights, chunked streaming, watch, resumable fetch."""
     settings = _settings(
-        "cadence.settings.BrokerSettings",
+        "cadence.broker.settings.BrokerSettings",
         host=host,
         grpc_port=grpc_port,
         store=store,
@@ -87,7 +87,7 @@ def serve_reward(
 ) -> None:
     """Reward service: math-verify and a reward model over HTTP and gRPC, plus the queue worker."""
     settings = _settings(
-        "cadence.settings.RewardSettings",
+        "cadence.reward.settings.RewardSettings",
         host=host,
         grpc_port=grpc_port,
         http_port=http_port,
@@ -114,7 +114,7 @@ def serve_inference(
 ) -> None:
     """Inference service: generates rollouts and hot-swaps weights from the broker."""
     settings = _settings(
-        "cadence.settings.InferenceSettings",
+        "cadence.inference.settings.InferenceSettings",
         host=host,
         grpc_port=grpc_port,
         engine=engine,
@@ -138,7 +138,7 @@ def serve_trainer(
 ) -> None:
     """Trainer: feeds prompts under the cadence rule, steps DPO/GRPO, publishes weights every s steps."""
     settings = _settings(
-        "cadence.settings.TrainerSettings",
+        "cadence.trainer.settings.TrainerSettings",
         config=config,
         host=host,
         grpc_port=grpc_port,
@@ -261,49 +261,22 @@ def evaluate(
     """Math accuracy averaged over k samples per problem; with --rm, reward-model win rate for chat prompts."""
     import json
 
-    from transformers.utils import logging as hf_logging
-
-    from cadence.app.evaluation import evaluate_math, load_eval_problems
-    from cadence.inference.engine import create_engine
+    from cadence.app.wiring import engine_kind, run_eval
+    from cadence.config import EvalConfig
     from cadence.models import resolve_model
 
-    hf_logging.disable_progress_bar()
     path = Path(model)
     model_dir = path / "final" if (path / "final" / "config.json").exists() else resolve_model(model)
-    problems = load_eval_problems(dataset, split, limit, kind="chat" if rm else None)
-    eng = create_engine(engine, model_dir)
-    try:
-        if rm:
-            from cadence.app.evaluation import baseline_answers, evaluate_chat
-            from cadence.reward.reward_model import RewardModel
-
-            answers = baseline_answers(problems, baseline, engine, temperature, top_p, max_tokens)
-            reward_model = RewardModel(str(resolve_model(rm)))
-            summary = evaluate_chat(
-                eng,
-                problems,
-                reward_model,
-                answers,
-                temperature=temperature,
-                top_p=top_p,
-                max_tokens=max_tokens,
-                out=out,
-            )
-        else:
-            summary = evaluate_math(
-                eng,
-                problems,
-                samples=samples,
-                temperature=temperature,
-                top_p=top_p,
-                max_tokens=max_tokens,
-                out=out,
-                label=str(model_dir),
-                dataset=dataset,
-            )
-    finally:
-        eng.close()
-    summary.model, summary.dataset = str(model_dir), dataset
+    spec = EvalConfig(
+        dataset=dataset,
+        split=split,
+        samples=samples,
+        temperature=temperature,
+        top_p=top_p,
+        max_problems=limit,
+        engine=engine_kind(engine),
+    )
+    summary = run_eval(spec, model_dir, max_tokens=max_tokens, out=out, rm=rm, baseline=baseline)
     typer.echo(json.dumps(summary.to_json(), indent=2))
 
 

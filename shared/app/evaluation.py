@@ -4,6 +4,9 @@ Accuracy follows the paper: k samples per problem (it used k = 50, temperature 0
 checked by math-verify, averaged. Chat quality is the reward model's win rate of the model's answers
 against reference answers (the seed's, or those a dataset ships), plus the length-normalised reward the
 paper selects checkpoints by. Every answer and verdict goes to a per-problem JSONL.
+
+This module imports no service: it takes a sampler, a verifier and a reward model through the protocols
+below, and `cadence.app.wiring` builds the real ones (the inference engine, math-verify, the reward model).
 """
 
 from __future__ import annotations
@@ -12,15 +15,57 @@ import json
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, Protocol
 
 from cadence.config import TaskConfig
-from cadence.errors import InvalidRequest
+from cadence.errors import ConfigError, InvalidRequest
 
 if TYPE_CHECKING:
+    from collections.abc import Sequence
+
     from cadence.tasks import Problem
 
 BATCH_PROMPTS = 128
+SEED = 1234
+"""Sampling seed of every evaluation: two evaluations of the same weights give the same answers."""
+
+
+class Sample(Protocol):
+    """One answer: its text and token ids."""
+
+    text: str
+    token_ids: list[int]
+
+
+class Completion(Protocol):
+    """The answers to one prompt."""
+
+    samples: Sequence[Sample]
+
+
+class Sampler(Protocol):
+    """What evaluation asks of an engine: `n` answers to each prompt (text or chat messages)."""
+
+    def sample(
+        self, prompts: list[Any], *, n: int, temperature: float, top_p: float, max_tokens: int, seed: int
+    ) -> Sequence[Completion]: ...
+
+
+class Verdict(Protocol):
+    reward: float
+    reason: str
+
+
+class Verifier(Protocol):
+    """Checks `(answer, reference)` pairs: math-verify."""
+
+    def verify_many(self, pairs: list[tuple[str, str]]) -> Sequence[Verdict]: ...
+
+
+class PairScorer(Protocol):
+    """Scores `(prompt, answer)` pairs: a reward model."""
+
+    def score(self, pairs: list[tuple[str, str]]) -> list[float]: ...
 
 
 @dataclass
@@ -53,27 +98,29 @@ def load_eval_problems(
     return load_problems(task, seed=seed)
 
 
-def _generate(engine, problems: list[Problem], k: int, temperature: float, top_p: float, max_tokens: int):
+def _generate(
+    sampler: Sampler, problems: list[Problem], k: int, temperature: float, top_p: float, max_tokens: int
+) -> list[Completion]:
     """All completions, in batches, with a progress bar on stderr."""
     from rich.progress import Progress
 
-    from cadence.inference.engine import SamplingParams
-
-    params = SamplingParams(n=k, temperature=temperature, top_p=top_p, max_tokens=max_tokens, seed=1234)
-    prompts = [problem.messages or problem.text for problem in problems]
-    completions = []
+    prompts = [problem.chat() for problem in problems]  # the engine renders them (`cadence.chat`)
+    completions: list[Completion] = []
     with Progress(transient=True) as bar:
         task = bar.add_task("generating", total=len(prompts))
         for start in range(0, len(prompts), BATCH_PROMPTS):
             batch = prompts[start : start + BATCH_PROMPTS]
-            completions.extend(engine.generate(batch, params).completions)
+            completions.extend(
+                sampler.sample(batch, n=k, temperature=temperature, top_p=top_p, max_tokens=max_tokens, seed=SEED)
+            )
             bar.advance(task, len(batch))
     return completions
 
 
 def evaluate_math(
-    engine,
+    sampler: Sampler,
     problems: list[Problem],
+    verifier: Verifier,
     *,
     samples: int = 1,
     temperature: float = 0.0,
@@ -84,19 +131,13 @@ def evaluate_math(
     dataset: str = "",
 ) -> EvalSummary:
     """Accuracy averaged over `samples` per problem; greedy decoding uses one sample."""
-    from cadence.reward.verifier import MathVerifier
-
     if any(problem.kind != "math" for problem in problems):
         raise InvalidRequest("evaluate_math takes math problems only; use evaluate_chat for chat prompts")
     k = 1 if temperature == 0 else samples
     started = time.monotonic()
-    completions = _generate(engine, problems, k, temperature, top_p, max_tokens)
-    verifier = MathVerifier(processes=2)
-    try:
-        pairs = [(s.text, p.reference) for p, c in zip(problems, completions, strict=True) for s in c.samples]
-        verdicts = verifier.verify_many(pairs)
-    finally:
-        verifier.close()
+    completions = _generate(sampler, problems, k, temperature, top_p, max_tokens)
+    pairs = [(s.text, p.reference) for p, c in zip(problems, completions, strict=True) for s in c.samples]
+    verdicts = verifier.verify_many(pairs)
     correct = [v.reward for v in verdicts]
     lengths = [len(s.token_ids) for c in completions for s in c.samples]
     if out is not None:
@@ -143,9 +184,9 @@ def length_normalized(reward: float, length: int) -> float:
 
 
 def evaluate_chat(
-    engine,
+    sampler: Sampler,
     problems: list[Problem],
-    reward_model,
+    reward_model: PairScorer,
     baseline_answers: list[str],
     *,
     temperature: float = 0.6,
@@ -163,7 +204,7 @@ def evaluate_chat(
     if len(baseline_answers) != len(problems):
         raise InvalidRequest(f"{len(baseline_answers)} baseline answers for {len(problems)} prompts")
     started = time.monotonic()
-    completions = _generate(engine, problems, 1, temperature, top_p, max_tokens)
+    completions = _generate(sampler, problems, 1, temperature, top_p, max_tokens)
     answers = [c.samples[0].text for c in completions]
     lengths = [max(1, len(c.samples[0].token_ids)) for c in completions]
     prompts = [p.text for p in problems]
@@ -194,23 +235,14 @@ def evaluate_chat(
     )
 
 
-def baseline_answers(
-    problems: list[Problem], baseline: str | None, engine_kind: str, temperature: float, top_p: float, max_tokens: int
-) -> list[str]:
-    """The answers to beat: the `baseline` model's (a directory or seed name), else the dataset's references
-    (AlpacaEval ships GPT-4's); a dataset without references needs a baseline model."""
-    from cadence.errors import ConfigError
+def reference_answers(problems: list[Problem]) -> list[str]:
+    """The dataset's reference answers (AlpacaEval ships GPT-4's), the default answers to beat."""
+    references = [p.reference for p in problems]
+    if any(r is None for r in references):
+        raise ConfigError("this dataset has no reference answers: pass --baseline MODEL (e.g. the seed)")
+    return [str(r) for r in references]
 
-    if baseline is None:
-        references = [p.reference for p in problems]
-        if any(r is None for r in references):
-            raise ConfigError("this dataset has no reference answers: pass --baseline MODEL (e.g. the seed)")
-        return [str(r) for r in references]
-    from cadence.inference.engine import create_engine
-    from cadence.models import resolve_model
 
-    engine = create_engine(engine_kind, resolve_model(baseline))
-    try:
-        return [c.samples[0].text for c in _generate(engine, problems, 1, temperature, top_p, max_tokens)]
-    finally:
-        engine.close()
+def answers(sampler: Sampler, problems: list[Problem], temperature: float, top_p: float, max_tokens: int) -> list[str]:
+    """One answer per problem: a baseline model's answers to beat."""
+    return [c.samples[0].text for c in _generate(sampler, problems, 1, temperature, top_p, max_tokens)]

@@ -387,18 +387,22 @@ TORCHRUN_ENV = {"CADENCE_NNODES", "CADENCE_NODE_RANK", "CADENCE_NPROC_PER_NODE"}
 @pytest.mark.parametrize("name", [*SCENARIOS, "default"])
 def test_every_cadence_env_var_is_a_service_setting(rendered: dict[str, list[dict]], name: str) -> None:
     """A CADENCE_* variable the service does not read is a silent misconfiguration (pydantic ignores extras)."""
-    from cadence import settings
+    from cadence.broker.settings import BrokerSettings
+    from cadence.inference.settings import InferenceSettings
+    from cadence.reward.settings import RewardSettings
+    from cadence.settings import CommonSettings
+    from cadence.trainer.settings import TrainerSettings
 
     classes = {
-        "inference": settings.InferenceSettings,
-        "reward": settings.RewardSettings,
-        "trainer": settings.TrainerSettings,
-        "broker": settings.BrokerSettings,
+        "inference": InferenceSettings,
+        "reward": RewardSettings,
+        "trainer": TrainerSettings,
+        "broker": BrokerSettings,
     }
     for workload in workloads(rendered[name]):
         spec = workload["spec"]["template"]["spec"]
         for c in [*spec.get("initContainers", []), *spec["containers"]]:
-            cls = classes.get(c["name"], settings.CommonSettings)
+            cls = classes.get(c["name"], CommonSettings)
             known = {f"CADENCE_{field.upper()}" for field in cls.model_fields}
             names = {e["name"] for e in c.get("env", []) if e["name"].startswith("CADENCE_")}
             unread = names - known - NOT_YET_READ.get(c["name"], set())

@@ -36,3 +36,13 @@ def test_invalid_config_exits_with_the_field(tmp_path: Path) -> None:
     result = CliRunner().invoke(app, ["run", str(bad), "--dry-run"])
     assert result.exit_code != 0
     assert "sync_every" in str(result.exception) or "sync_every" in result.output
+
+
+def test_an_unknown_engine_fails_before_anything_starts(tmp_path: Path) -> None:
+    """`cadence run` and `cadence eval` resolve the engine kind in one place, which checks it."""
+    from cadence.errors import ConfigError
+
+    result = CliRunner().invoke(app, ["run", str(CONFIGS[0]), "--dry-run", "--engine", "vlm"])
+    assert isinstance(result.exception, ConfigError) and "unknown engine 'vlm'" in str(result.exception)
+    result = CliRunner().invoke(app, ["eval", "--model", str(tmp_path), "--engine", "vlm"])
+    assert isinstance(result.exception, ConfigError) and "unknown engine 'vlm'" in str(result.exception)

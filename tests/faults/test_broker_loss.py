@@ -19,10 +19,10 @@ from transformers import AutoTokenizer
 
 from cadence import streams
 from cadence.broker.main import build
+from cadence.broker.settings import BrokerSettings
 from cadence.clients.broker import BrokerClient
 from cadence.config import parse_run_config
 from cadence.net import free_port
-from cadence.settings import BrokerSettings
 from cadence.tasks import load_problems
 from cadence.trainer import loop as loop_module
 from cadence.trainer.engine import TrainEngine

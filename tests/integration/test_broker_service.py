@@ -18,11 +18,11 @@ from prometheus_client import REGISTRY
 from cadence import errors
 from cadence.broker.main import build
 from cadence.broker.server import BrokerServicer
+from cadence.broker.settings import BrokerSettings
 from cadence.clients import BrokerClient
 from cadence.clients.broker import make_transport
 from cadence.grpc import ServiceServer, channel
 from cadence.net import free_port
-from cadence.settings import BrokerSettings
 from cadence.v1 import broker_pb2, broker_pb2_grpc, common_pb2
 from cadence.weights import Assembler, iter_chunks, pack, unpack
 

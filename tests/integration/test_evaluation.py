@@ -5,21 +5,20 @@ from pathlib import Path
 
 import pytest
 
-from cadence.app.evaluation import evaluate_chat, evaluate_math, load_eval_problems
-from cadence.inference.engine import create_engine
+from cadence.app.evaluation import evaluate_chat, load_eval_problems
+from cadence.app.wiring import math_accuracy, open_sampler, reward_model
 
 
 @pytest.fixture(scope="module")
 def engine(tiny_model_dir: Path):
-    eng = create_engine("hf", tiny_model_dir)
-    yield eng
-    eng.close()
+    with open_sampler("hf", tiny_model_dir) as sampler:
+        yield sampler
 
 
 def test_math_accuracy_matches_the_written_verdicts(engine, tmp_path: Path) -> None:
     problems = load_eval_problems("toy", "test", limit=40)
     out = tmp_path / "answers.jsonl"
-    summary = evaluate_math(engine, problems, samples=4, temperature=1.0, max_tokens=14, out=out, dataset="toy")
+    summary = math_accuracy(engine, problems, samples=4, temperature=1.0, max_tokens=14, out=out, dataset="toy")
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert summary.problems == len(rows) == 40 and summary.samples == 4
     assert all(len(row["answers"]) == len(row["rewards"]) == 4 for row in rows)
@@ -29,18 +28,15 @@ def test_math_accuracy_matches_the_written_verdicts(engine, tmp_path: Path) -> N
 
 def test_greedy_uses_one_sample(engine) -> None:
     problems = load_eval_problems("toy", "test", limit=10)
-    summary = evaluate_math(engine, problems, samples=8, temperature=0.0, max_tokens=14)
+    summary = math_accuracy(engine, problems, samples=8, temperature=0.0, max_tokens=14)
     assert summary.samples == 1
 
 
 @pytest.mark.slow
 def test_reward_model_win_rate_orders_baselines(engine) -> None:
     """The model wins more often against answers with no boxed result than against the gold answers."""
-    from cadence.models import resolve_model
-    from cadence.reward.reward_model import RewardModel
-
     problems = load_eval_problems("toy", "test", limit=60, kind="chat")
-    rm = RewardModel(str(resolve_model("tiny-rm")))
+    rm = reward_model("tiny-rm")
     gold = [f" \\boxed{{{p.reference}}}" for p in problems]
     junk = [" I do not know" for _ in problems]
     versus_gold = evaluate_chat(engine, problems, rm, gold, temperature=1.0, max_tokens=14)
@@ -52,7 +48,7 @@ def test_reward_model_win_rate_orders_baselines(engine) -> None:
 
 @pytest.mark.needs_data("arena_hard")
 def test_baseline_answers_come_from_references_or_a_model(tiny_model_dir: Path) -> None:
-    from cadence.app.evaluation import baseline_answers
+    from cadence.app.wiring import baseline_answers
     from cadence.errors import ConfigError
 
     problems = load_eval_problems("toy", "test", limit=5, kind="chat")

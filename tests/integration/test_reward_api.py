@@ -22,7 +22,7 @@ from cadence.clients import RewardClient, ScoreItem
 from cadence.errors import InvalidRequest, PermissionDenied
 from cadence.net import free_port
 from cadence.reward.main import RewardService
-from cadence.settings import RewardSettings
+from cadence.reward.settings import RewardSettings
 from cadence.v1 import reward_pb2, reward_pb2_grpc
 
 KEY = "s3cret-key"

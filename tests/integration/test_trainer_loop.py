@@ -19,10 +19,10 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from cadence import streams
 from cadence.broker.main import build
+from cadence.broker.settings import BrokerSettings
 from cadence.clients.broker import BrokerClient
 from cadence.config import RunConfig
 from cadence.net import free_port
-from cadence.settings import BrokerSettings
 from cadence.tasks import load_problems
 from cadence.trainer.engine import TrainEngine
 from cadence.trainer.feeder import Feeder, PromptPlan
