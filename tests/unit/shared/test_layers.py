@@ -148,6 +148,13 @@ def test_the_library_services_and_application_stay_apart() -> None:
     assert not broken, "imports that break the layers (move the code or invert the dependency):\n" + "\n".join(broken)
 
 
+def test_no_import_circles() -> None:
+    circles = import_circles(REPO)
+    assert not circles, "modules that import each other (move the shared part down a layer):\n" + "\n".join(
+        " <-> ".join(group) for group in circles
+    )
+
+
 def _tree(root: Path, files: dict[str, str]) -> Path:
     (root / "pyproject.toml").write_text(
         '[tool.setuptools]\npackage-dir = { "cadence" = "shared", "cadence.reward" = "services/reward",'
