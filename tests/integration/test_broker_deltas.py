@@ -34,7 +34,7 @@ def versions(untrained_tiny_model_dir: Path) -> list[dict[str, torch.Tensor]]:
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(untrained_tiny_model_dir, dtype=torch.float32)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, eps=1e-4, weight_decay=0.0)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, eps=1e-8, weight_decay=0.0)
     ids = torch.randint(3, model.config.vocab_size, (4, 24), generator=torch.Generator().manual_seed(0))
     out = [_bf16(model)]
     for _ in range(4):
@@ -99,6 +99,17 @@ def test_keyframes_come_periodically_and_bound_what_is_held(
     with BrokerClient(target, RUN) as client:
         assert [info.version for info in client.status().versions] == [3, 4, 5]  # retain=2, and 4 builds on 3
         assert bit_exact(client.fetch(4), versions[3])
+
+
+def test_a_version_where_most_bytes_changed_goes_as_a_keyframe(
+    target: str, versions: list[dict[str, torch.Tensor]]
+) -> None:
+    gen = torch.Generator().manual_seed(1)
+    noisy = {name: (t.float() + torch.randn(t.shape, generator=gen)).bfloat16() for name, t in versions[1].items()}
+    stored = publish_all(target, [versions[0], versions[1], noisy])
+    assert stored[1] > 0 and stored[2] == 0
+    with BrokerClient(target, RUN) as client:
+        assert bit_exact(client.fetch(3), noisy)
 
 
 def test_a_delta_the_broker_cannot_apply_goes_as_a_keyframe(

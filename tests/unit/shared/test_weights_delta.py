@@ -72,3 +72,14 @@ def test_a_delta_needs_one_layout() -> None:
         weights_delta.describe(other.manifest, base.manifest, b"", [])
     with pytest.raises(InvalidRequest, match="one layout"):
         weights_delta.encode(base.payload, other.payload)
+
+
+def test_a_delta_is_made_only_when_few_bytes_changed() -> None:
+    base, target = versions(changed=0.01)
+    assert 0 < weights_delta.changed_share(base.payload, target.payload, every=1) < 0.05
+    made = weights_delta.against(base, target)
+    assert made is not None and weights_delta.is_delta(made.manifest)
+    assert made.manifest.sha256 == target.manifest.sha256  # the manifest still names the full version
+    _, dense = versions(changed=0.9)
+    assert weights_delta.changed_share(base.payload, dense.payload, every=1) > weights_delta.MAX_CHANGED
+    assert weights_delta.against(base, dense) is None

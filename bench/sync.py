@@ -1,0 +1,260 @@
+"""Weight-sync bytes per version: how small a delta version is, and what encoding and decoding it cost.
+
+What it measures, in one run: SmolLM2-135M (built locally by `cadence seed-model smollm2`) trained with real
+AdamW steps (the trainer's optimizer settings: betas 0.9/0.999, gradient clipping 0.1, fp32 master weights,
+and ε 1e-8 as for chat tasks: math's 1e-4 takes smaller steps, so fewer bf16 values change) on plain NLL of a
+few fixed sequences, at the paper's lr 1e-6 and the toy's lr 5e-4. After every step the weights are packed
+as the trainer publishes them on GPU (bf16, `cadence.weights.pack`), and
+1. for s = 1 (consecutive steps) and s = 10 (ten steps apart), the delta's size ÷ the full payload, for the
+   encoding Cadence uses (`cadence.weights_delta`: XOR against the previous version + zstd level 1) and the
+   candidates it was chosen against: sparse indices + values (raw and zstd'd), XOR + zstd level 3, XOR + lz4,
+   XOR + zlib level 1; each with its encode and decode time (two threads);
+2. the same at lr 1e-6, s = 1 with the weights sent in fp32 (the CPU trainer's dtype), to show why the wire
+   dtype matters;
+3. the transfer time the delta saves at 25 Gbit/s (the issue's cluster link) and at this broker's loopback
+   rate (a real `cadence serve broker` and `BrokerClient`: full fetch vs delta fetch of the same version,
+   decode and end-to-end sha256 verification included), against encode + decode time.
+
+s = 1 figures are the mean over the ten consecutive pairs (Adam's first step moves every weight by the full
+lr, later ones by less); the candidates are compared on the last pair. MB = 10^6 bytes.
+
+Run: `.venv/bin/python bench/sync.py [--steps 10]` (about three minutes on 2 cores; not run in CI).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+import zlib
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import numpy as np
+import torch
+import zstandard
+from _common import print_table, record, row
+from broker import start_broker
+
+from cadence import weights_delta
+from cadence.clients import BrokerClient
+from cadence.config import OptimizerConfig
+from cadence.weights import Packed, pack
+
+GOAL_PERCENT = 10.0  # ≤ 10 % of full at lr 1e-6 bf16 s=1
+LINK_BYTES_PER_S = 25e9 / 8
+EPS = 1e-8  # the trainer's ε for chat tasks (math's 1e-4 takes smaller steps): the larger deltas
+TEXTS = [
+    "Question: what is 17 + 25? Think step by step. 17 + 25 = 42, so the answer is \\boxed{42}.",
+    "Question: what is 9 * 8? Nine eights are seventy-two, so the answer is \\boxed{72}.",
+    "User: Write one sentence about the sea. Assistant: The sea keeps the light of the morning in its waves.",
+    "User: Name a prime number above 50. Assistant: 53 is prime; it has no divisor but 1 and itself.",
+]
+
+
+def train_versions(lr: float, steps: int, dtype: torch.dtype) -> Iterator[Packed]:
+    """The packed weights before training, then after each of `steps` AdamW steps."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from cadence.models.smollm2 import build_smollm2
+
+    directory = build_smollm2()
+    tokenizer = AutoTokenizer.from_pretrained(directory)
+    model = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32)
+    batch = tokenizer(TEXTS, return_tensors="pt", padding=True)
+    labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
+    opt = OptimizerConfig()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, betas=opt.betas, eps=EPS, weight_decay=opt.weight_decay)
+    yield _packed(model, 0, dtype)
+    for step in range(1, steps + 1):
+        loss = model(**batch, labels=labels).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), opt.grad_clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        print(f"lr {lr:g} {dtype}: step {step}/{steps}", file=sys.stderr, flush=True)
+        yield _packed(model, step, dtype)
+
+
+def _packed(model: torch.nn.Module, version: int, dtype: torch.dtype) -> Packed:
+    state = {name: tensor.detach().to(dtype) for name, tensor in model.state_dict().items()}
+    return pack(state, run_id="bench", version=version)
+
+
+# -- candidate encodings: (encode, decode) on two payloads of one layout ----------------------------------
+
+
+def _xor(a: Any, b: Any) -> np.ndarray:
+    return np.bitwise_xor(np.frombuffer(a, np.uint8), np.frombuffer(b, np.uint8))
+
+
+def _sparse(a: Any, b: Any) -> tuple[np.ndarray, np.ndarray]:
+    """Positions (as gaps, u32) and new values of the 16-bit words that changed."""
+    old, new = np.frombuffer(a, np.uint16), np.frombuffer(b, np.uint16)
+    where = np.flatnonzero(old != new)
+    return np.diff(where, prepend=0).astype(np.uint32), new[where]
+
+
+def _unsparse(base: Any, gaps: np.ndarray, values: np.ndarray) -> None:
+    np.frombuffer(base, np.uint16)[np.cumsum(gaps, dtype=np.int64)] = values
+
+
+def _sparse_raw(a: Any, b: Any) -> bytes:
+    gaps, values = _sparse(a, b)
+    return len(gaps).to_bytes(8, "little") + gaps.tobytes() + values.tobytes()
+
+
+def _sparse_raw_apply(base: Any, data: bytes) -> None:
+    n = int.from_bytes(data[:8], "little")
+    _unsparse(base, np.frombuffer(data, np.uint32, n, 8), np.frombuffer(data, np.uint16, n, 8 + 4 * n))
+
+
+def _xor_codec(compress: Callable[[bytes], bytes], decompress: Callable[[bytes], bytes]) -> tuple[Callable, Callable]:
+    def encode(a: Any, b: Any) -> bytes:
+        return compress(_xor(a, b).data)
+
+    def apply(base: Any, data: bytes) -> None:
+        target = np.frombuffer(base, np.uint8)
+        np.bitwise_xor(target, np.frombuffer(decompress(data), np.uint8), out=target)
+
+    return encode, apply
+
+
+CANDIDATES: dict[str, tuple[Callable, Callable]] = {
+    "xor+zstd1 (used)": (weights_delta.encode, weights_delta.apply),
+    "xor+zstd3": (lambda a, b: weights_delta.encode(a, b, level=3), weights_delta.apply),
+    "xor+zlib1": _xor_codec(lambda d: zlib.compress(d, 1), zlib.decompress),
+    "sparse idx+val": (_sparse_raw, _sparse_raw_apply),
+    "sparse+zstd1": (
+        lambda a, b: zstandard.ZstdCompressor(level=1).compress(_sparse_raw(a, b)),
+        lambda base, d: _sparse_raw_apply(base, zstandard.ZstdDecompressor().decompress(d)),
+    ),
+}
+
+try:  # lz4 is a candidate only, not a dependency
+    import lz4.frame
+
+    CANDIDATES["xor+lz4"] = _xor_codec(lz4.frame.compress, lz4.frame.decompress)
+except ImportError:
+    pass
+
+
+def measure(name: str, base: Packed, target: Packed) -> dict[str, float]:
+    """Size ratio and encode/decode seconds of one candidate; the decode is checked bit for bit."""
+    encode, apply = CANDIDATES[name]
+    started = time.perf_counter()
+    data = encode(base.payload, target.payload)
+    encoded = time.perf_counter()
+    rebuilt = bytearray(base.payload)
+    decoding = time.perf_counter()
+    apply(rebuilt, data)
+    decoded = time.perf_counter()
+    assert rebuilt == target.payload, f"{name} did not rebuild the target"
+    return {
+        "percent": 100 * len(data) / len(target.payload),
+        "changed": 100 * weights_delta.changed_share(base.payload, target.payload, every=1),
+        "encode_s": encoded - started,
+        "decode_s": decoded - decoding,
+    }
+
+
+def lr_rows(lr: float, steps: int, label: str, target: str | None = None) -> list[dict[str, Any]]:
+    """Rows for one learning rate: the used encoding at s = 1 (mean) and s = `steps`, candidates on the last
+    pair, and (given a broker `target`) that pair published and fetched through the broker."""
+    rows, used, tag = [], "xor+zstd1 (used)", f"lr {lr:g} {label}"
+    versions = train_versions(lr, steps, torch.bfloat16 if label == "bf16" else torch.float32)
+    first = newest = next(versions)
+    s1, pair = [], (first, first)
+    for packed in versions:  # only the first and the newest pair stay in memory
+        s1.append(measure(used, newest, packed))
+        pair, newest = (newest, packed), packed
+    s1_percent = statistics.fmean(m["percent"] for m in s1)
+    rows.append(row(f"{tag}: full version (SmolLM2-135M)", len(newest.payload) / 1e6, None, "MB"))
+    goal = GOAL_PERCENT if lr == 1e-6 and label == "bf16" else None
+    rows.append(row(f"{tag} s=1: delta ÷ full (mean of {len(s1)})", s1_percent, goal, "%", False))
+    rows.append(row(f"{tag} s=1: delta ÷ full (worst)", max(m["percent"] for m in s1), None, "%", False))
+    rows.append(row(f"{tag} s=1: bytes changed (mean)", statistics.fmean(m["changed"] for m in s1), None, "%", False))
+    for key in ("encode_s", "decode_s"):
+        rows.append(row(f"{tag} s=1: {key.split('_')[0]}", statistics.fmean(m[key] for m in s1), None, "s"))
+    saved = len(newest.payload) * (1 - s1_percent / 100) / LINK_BYTES_PER_S
+    rows.append(row(f"{tag} s=1: transfer saved at 25 Gbit/s", saved, None, "s"))
+    if label != "bf16":
+        return rows
+    far = measure(used, first, newest)
+    del first
+    rows.append(row(f"{tag} s={steps}: delta ÷ full", far["percent"], None, "%", False))
+    rows.append(row(f"{tag} s={steps}: bytes changed", far["changed"], None, "%", False))
+    for key in ("encode_s", "decode_s"):
+        rows.append(row(f"{tag} s={steps}: {key.split('_')[0]}", far[key], None, "s"))
+    for name in CANDIDATES:
+        m = measure(name, *pair)
+        rows.append(row(f"{tag} s=1 candidate {name}: size", m["percent"], None, "%", False))
+        rows.append(row(f"{tag} s=1 candidate {name}: enc+dec", m["encode_s"] + m["decode_s"], None, "s"))
+    return rows + (broker_rows(tag, *pair, target) if target else [])
+
+
+def broker_rows(tag: str, base: Packed, newest: Packed, target: str) -> list[dict[str, Any]]:
+    """Publish `base` (keyframe) then `newest` (a delta where the client finds it pays) through a real broker;
+    fetch `newest` in full and, if it went as a delta, onto `base` (decode and end-to-end sha256 included)."""
+    run = f"sync-{tag.replace(' ', '-')}"
+    with BrokerClient(target, run) as trainer:
+        started = time.perf_counter()
+        trainer.publish_packed(_renumbered(base, run, 1))
+        keyframe = time.perf_counter()
+        info = trainer.publish_packed(_renumbered(newest, run, 2))
+        published = time.perf_counter()
+    how = "as delta, encode included" if info.delta_bytes else "in full: the client found no delta would pay"
+    rows = [
+        row(f"{tag} s=1 broker: publish in full", keyframe - started, None, "s", False),
+        row(f"{tag} s=1 broker: publish next ({how})", published - keyframe, None, "s", False),
+    ]
+    with BrokerClient(target, run) as late:
+        started_full = time.perf_counter()
+        late.fetch(2)
+        full_s = time.perf_counter() - started_full
+    rows.append(row(f"{tag} s=1 broker: fetch in full", full_s, None, "s", False))
+    if not info.delta_bytes:
+        return rows
+    with BrokerClient(target, run, apply_deltas=True) as replica:
+        replica.fetch(1)
+        started_delta = time.perf_counter()
+        replica.fetch(2)
+        delta_s = time.perf_counter() - started_delta
+    return [
+        *rows,
+        row(f"{tag} s=1 broker: fetch as delta (decode + sha256 included)", delta_s, None, "s", False),
+        row(f"{tag} s=1 broker: fetch speed-up", full_s / delta_s, None, "×"),
+    ]
+
+
+def _renumbered(packed: Packed, run: str, version: int) -> Packed:
+    manifest = type(packed.manifest)()
+    manifest.CopyFrom(packed.manifest)
+    manifest.run_id, manifest.version = run, version
+    return Packed(manifest, packed.payload)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--steps", type=int, default=10, help="optimizer steps per learning rate (s = 10 needs 10)")
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    proc, target = start_broker()
+    try:
+        rows: list[dict[str, Any]] = []
+        for lr in (1e-6, 5e-4):
+            rows += lr_rows(lr, args.steps, "bf16", target)
+        rows += lr_rows(1e-6, 1, "fp32")
+    finally:
+        proc.terminate()
+        proc.wait(10)
+    print_table(rows)
+    print(f"recorded in {record('sync', rows)}")
+
+
+if __name__ == "__main__":
+    main()
