@@ -78,7 +78,7 @@ def _build_worker(settings: InferenceSettings, engine: Engine, worker_id: str, r
         engine,
         connect(settings.redis_url),
         run_id,
-        BrokerClient(settings.broker_addr, run_id),
+        BrokerClient(settings.broker_addr, run_id, apply_deltas=True),  # the engine copies what it loads
         worker_id=worker_id,
         batch_prompts=settings.batch_prompts,
         reclaim_idle_ms=settings.reclaim_idle_ms,
