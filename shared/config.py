@@ -164,6 +164,9 @@ class RunConfig(_Strict):
     """Prompts per optimizer step (the paper counts batches in prompts)."""
     reward_model: str = ""
     """Reward model for `chat` tasks: a directory, a hub id, or `tiny-rm` (built locally)."""
+    strict_format: bool = False
+    """Math rewards: a response that runs on past its last box scores 0 even when the box is right (the
+    reward service's `CADENCE_STRICT_FORMAT`); keeps DPO from learning to drop EOS."""
     entropy_coef: float = Field(0.0, ge=0)
     """Weight of an entropy bonus."""
     entropy_reduction: Literal["token_mean", "rollout_sum"] = "token_mean"

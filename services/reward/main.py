@@ -31,7 +31,7 @@ log = get_logger(__name__)
 
 def build_scorer(settings: RewardSettings) -> Scorer:
     """The verifier pool and, when configured, the reward model, behind one `Scorer`."""
-    verifier = MathVerifier(settings.pool_processes, settings.item_timeout_seconds)
+    verifier = MathVerifier(settings.pool_processes, settings.item_timeout_seconds, settings.strict_format)
     reward_model = None
     if settings.reward_model:
         from cadence.reward.reward_model import RewardModel

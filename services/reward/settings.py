@@ -22,6 +22,8 @@ class RewardSettings(ServiceSettings):
     """math-verify worker processes (`CADENCE_POOL_PROCESSES`)."""
     item_timeout_seconds: float = 5.0
     """Hard deadline per math item (`CADENCE_ITEM_TIMEOUT_SECONDS`)."""
+    strict_format: bool = False
+    """Math: score 0 (`trailing_text`) a response that runs on past its last box (`CADENCE_STRICT_FORMAT`)."""
     api_keys_file: Path | None = None
     """File with one API key per line (`CADENCE_API_KEYS_FILE`); none and no `api_keys`: auth off."""
     api_keys: str = ""

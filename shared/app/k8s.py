@@ -232,6 +232,8 @@ def worker_patch(service: str, config: RunConfig, now: datetime | None = None) -
         env.append(("CADENCE_MODEL", config.model.path))
     if service == "reward" and config.reward_model:
         env.append(("CADENCE_REWARD_MODEL", config.reward_model))
+    if service == "reward":
+        env.append(("CADENCE_STRICT_FORMAT", str(config.strict_format).lower()))
     stamp = {RUN_ID: config.run_id, SUBMITTED_AT: _timestamp(now)}
     return {
         "spec": {

@@ -111,7 +111,8 @@ class LocalRun:
         reward_args = ["--host", "127.0.0.1", "--grpc-port", ports["reward"], "--http-port", ports["reward_http"]]
         if self.reward_model:
             reward_args += ["--reward-model", self.reward_model]
-        self.supervisor.start("reward", _cli("serve", "reward", *reward_args))
+        strict = {"CADENCE_STRICT_FORMAT": "1"} if plan.config.strict_format else None
+        self.supervisor.start("reward", _cli("serve", "reward", *reward_args), env=strict)
         for index in range(plan.config.inference.workers):
             self.supervisor.start(
                 f"inference{index}",

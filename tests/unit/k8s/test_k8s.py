@@ -102,7 +102,11 @@ def test_submit_points_the_rendered_release_at_the_run(api, clients, render, ser
     env = {e["name"]: e["value"] for e in inference.body["spec"]["template"]["spec"]["containers"][0]["env"]}
     assert env == {"CADENCE_RUN_ID": "math-s4", "CADENCE_MODEL": "/models/qwen"}
     reward_env = {e["name"]: e["value"] for e in reward.body["spec"]["template"]["spec"]["containers"][0]["env"]}
-    assert reward_env == {"CADENCE_RUN_ID": "math-s4", "CADENCE_REWARD_MODEL": "tiny-rm"}
+    assert reward_env == {
+        "CADENCE_RUN_ID": "math-s4",
+        "CADENCE_REWARD_MODEL": "tiny-rm",
+        "CADENCE_STRICT_FORMAT": "false",
+    }
     _assert_patch_matches_chart(inference.body, objects[("Deployment", "rel-cadence-inference")], "inference")
     _assert_patch_matches_chart(reward.body, objects[("Deployment", "rel-cadence-reward")], "reward")
     lists = [r for r in api.requests if r.method == "GET" and r.path == DEPLOYMENTS]
