@@ -50,12 +50,24 @@ def cadence_run(name: str, config: str, overrides: list[str], timeout: float = 9
     with log.open("w") as handle:
         code = subprocess.run(args, stdout=handle, stderr=subprocess.STDOUT, cwd=ROOT, timeout=timeout).returncode
     seconds = time.monotonic() - started
-    folders = sorted(RUNS.glob(f"{run_id}-*/"))
-    if code != 0 or not folders:
+    folder = RUNS / run_id  # cadence.paths.run_folder
+    if code != 0 or not (folder / "metrics.jsonl").is_file():
         raise RuntimeError(f"run {name} failed (exit {code}); see {log}")
-    folder = folders[-1]
     metrics = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines() if line]
     return Run(name, folder, metrics, _json(folder / "eval_before.json"), _json(folder / "eval_after.json"), seconds)
+
+
+def run_many(jobs: list[tuple[str, str, list[str]]], parallel: int = 1) -> list[Run]:
+    """`cadence_run(name, config, overrides)` for each job, `parallel` at a time, results in job order.
+    Concurrent runs slow each other alike, so interleave the regimes being compared in `jobs`."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    def one(job: tuple[str, str, list[str]]) -> Run:
+        print(f"-- {job[0]} {' '.join(job[2])}", flush=True)
+        return cadence_run(*job)
+
+    with ThreadPoolExecutor(max(1, parallel)) as pool:
+        return list(pool.map(one, jobs))
 
 
 def _json(path: Path) -> dict[str, Any] | None:

@@ -13,30 +13,36 @@ from __future__ import annotations
 import os
 import signal
 import sys
-from typing import Any
+import threading
+from typing import TYPE_CHECKING, Any
 
 from cadence.config import RunConfig, dump_run_config, load_run_config
 from cadence.errors import ConfigError, exit_on_error
 from cadence.logging import get_logger, setup_logging
+from cadence.paths import run_folder
 from cadence.settings import default_port, from_argv
 from cadence.trainer.settings import TrainerSettings
+
+if TYPE_CHECKING:
+    from cadence.trainer.resume import ResumePoint
 
 log = get_logger(__name__)
 
 
 def _load(settings: TrainerSettings) -> tuple[RunConfig, str, TrainerSettings]:
-    """The run: from --config, or (without one) the next run submitted with `cadence run --attach`."""
+    """The run: from --config, or (without one) the next run submitted with `cadence run --attach`. Its folder
+    is `<run_dir>/<run_id>` either way (`CADENCE_RUN_DIR` is the root of every run's folder)."""
     if settings.config is None:
         return _claim_submission(settings)
     config = load_run_config(settings.config)
     run_id = settings.run_id or config.run_id
     if not run_id:
         raise ConfigError("no run id: set run_id in the config or CADENCE_RUN_ID")
-    return config, run_id, settings
+    return config, run_id, settings.model_copy(update={"run_dir": run_folder(settings.run_dir, run_id)})
 
 
 def _claim_submission(settings: TrainerSettings) -> tuple[RunConfig, str, TrainerSettings]:
-    """Wait for a submitted run; its folder is `<run_dir>/<run_id>`. Rank 0 only (ranks > 0 need --config)."""
+    """Wait for a submitted run. Rank 0 only (ranks > 0 need --config)."""
     from cadence import runs, streams
 
     if int(os.environ.get("RANK", "0")) != 0:
@@ -44,7 +50,7 @@ def _claim_submission(settings: TrainerSettings) -> tuple[RunConfig, str, Traine
     log.info("no --config: waiting for a run submitted with `cadence run CONFIG --attach`")
     config = runs.claim_next(streams.connect(settings.redis_url))
     assert config is not None  # blocks until a submission arrives
-    run_dir = settings.run_dir / config.run_id
+    run_dir = run_folder(settings.run_dir, config.run_id)
     log.info("claimed run %s", config.run_id, extra={"run_dir": str(run_dir)})
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.yaml").write_text(dump_run_config(config))  # the report reads it
@@ -59,19 +65,35 @@ def serve(settings: TrainerSettings) -> None:
 
     from cadence.models import resolve_model
     from cadence.trainer.engine import TrainEngine
+    from cadence.trainer.resume import agree, local_view
     from cadence.trainer.update import follow
 
     model_dir = resolve_model(config.model.path)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     engine = TrainEngine(model_dir, config)
+    point = agree(local_view(settings.run_dir), engine.world_size, engine.rank)
     if engine.is_main:
-        _serve_main(settings, config, run_id, engine, tokenizer)
+        _serve_main(settings, config, run_id, engine, tokenizer, point)
+    elif point.finished:
+        _wait_for_signal()
     else:
+        signal.signal(signal.SIGTERM, lambda *_: log.info("SIGTERM: rank 0 leads the stop (checkpoint, then stop)"))
         follow(engine, tokenizer, settings.run_dir)
-    engine.close()  # only after a clean finish: after a failure the peers may be inside another collective
+    if not point.finished:  # an idle finished run never entered a collective
+        engine.close()  # only after a clean finish: after a failure the peers may be inside another collective
 
 
-def _serve_main(settings: TrainerSettings, config: RunConfig, run_id: str, engine: Any, tokenizer: Any) -> None:
+def _wait_for_signal() -> None:
+    """A finished run's ranks > 0: nothing to do until the pod is stopped."""
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    stop.wait()
+
+
+def _serve_main(
+    settings: TrainerSettings, config: RunConfig, run_id: str, engine: Any, tokenizer: Any, point: ResumePoint
+) -> None:
     from cadence import streams
     from cadence.clients.broker import BrokerClient
     from cadence.grpc import ServiceServer
@@ -96,7 +118,10 @@ def _serve_main(settings: TrainerSettings, config: RunConfig, run_id: str, engin
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: loop.request_stop("signal"))
     try:
-        loop.run()
+        if point.finished:
+            loop.idle(point.finished)
+        else:
+            loop.run()
     except BaseException:
         loop.status.state = "failed"
         streams.write_meta(client, run_id, {"state": "failed"})

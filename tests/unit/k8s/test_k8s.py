@@ -219,6 +219,23 @@ def test_status_reports_the_run_and_pods(api, clients, render, serve_release) ->
         k8s_status.status(clients, "other", NAMESPACE)
 
 
+def test_status_shows_a_finished_run(api, clients, render, serve_release) -> None:
+    """The trainer that finished exited 0 with its termination message; restarted, it idles (ready)."""
+    serve_release(render())
+    trainer = _pod("rel-cadence-trainer-0", "trainer", "toy-dpo")
+    message = "cadence: run toy-dpo finished at step 800 (version 800)"
+    ended = {"terminated": {"exitCode": 0, "reason": "Completed", "message": message}}
+    trainer["status"]["containerStatuses"][0]["lastState"] = ended
+    api.route("GET", PODS, as_list("Pod", [trainer]))
+    status = k8s_status.status(clients, "toy-dpo", NAMESPACE)
+    assert status.state == "finished" and status.finished == message
+    assert "toy-dpo finished at step 800" in status.render() and "idles" in status.render()
+    crashed = {"terminated": {"exitCode": 1, "reason": "Error", "message": "IntegrityError: ..."}}
+    trainer["status"]["containerStatuses"][0]["lastState"] = crashed
+    api.route("GET", PODS, as_list("Pod", [trainer]))
+    assert k8s_status.status(clients, "toy-dpo", NAMESPACE).state == "running"
+
+
 def test_logs_read_the_pods_of_the_run(api, clients, render, serve_release) -> None:
     serve_release(render())
     api.route("GET", PODS, as_list("Pod", [_pod("rel-cadence-trainer-0", "trainer", "toy-dpo")]))
