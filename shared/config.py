@@ -18,6 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from cadence.errors import ConfigError
 
 TaskKind = Literal["math", "chat"]
+MAX_DEFAULT_CHECKPOINT_EVERY = 50
 
 
 class _Strict(BaseModel):
@@ -182,8 +183,9 @@ class RunConfig(_Strict):
     deepspeed: DeepSpeedConfig = Field(default_factory=DeepSpeedConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
     inference: InferenceConfig = Field(default_factory=InferenceConfig)
-    checkpoint_every: int = Field(0, ge=0)
-    """Steps between checkpoints (0: only at the end)."""
+    checkpoint_every: int | None = Field(None, ge=0)
+    """Steps between checkpoints (0: only at a stop and at the end). Default: a twentieth of the run, at most
+    every 50 steps, so a trainer killed without warning (a lost node) resumes near where it stopped."""
 
     @field_validator("run_id")
     @classmethod
@@ -207,6 +209,12 @@ class RunConfig(_Strict):
             self.algorithm.beta = 0.1 if math_only else 0.01
         if self.optimizer.eps is None:
             self.optimizer.eps = 1e-4 if math_only else 1e-8
+        return self
+
+    @model_validator(mode="after")
+    def _default_checkpoint_every(self) -> RunConfig:
+        if self.checkpoint_every is None:
+            self.checkpoint_every = min(MAX_DEFAULT_CHECKPOINT_EVERY, max(1, self.steps // 20))
         return self
 
     @model_validator(mode="after")

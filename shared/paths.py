@@ -19,3 +19,11 @@ def models_dir() -> Path:
     path = cadence_home() / "models"
     path.mkdir(parents=True, exist_ok=True)
     return path
+
+
+def run_folder(runs_root: Path, run_id: str) -> Path:
+    """A run's own folder under the runs root: its checkpoints, metrics, ledger and final model. Every run
+    has its own, so a run never resumes another's checkpoint."""
+    if not run_id or "/" in run_id or run_id in (".", ".."):
+        raise ValueError(f"run id {run_id!r} cannot name a folder; use letters, digits, '_', '.', '-'")
+    return Path(runs_root) / run_id

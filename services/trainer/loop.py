@@ -28,6 +28,7 @@ from cadence.logging import get_logger
 from cadence.trainer.feeder import Feeder
 from cadence.trainer.intake import Intake
 from cadence.trainer.publishing import Publisher
+from cadence.trainer.resume import mark_finished, prune_checkpoints
 from cadence.trainer.update import Group, StepPlan, broadcast_plan, execute
 
 log = get_logger(__name__)
@@ -76,7 +77,7 @@ class TrainLoop:
         self.stop_requested = threading.Event()
         self.publisher = Publisher(transport, self.stop_requested)
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        self.tensorboard = _tensorboard(self.run_dir)
+        self.tensorboard: Any = None  # opened at the first step: an idle finished run writes nothing
 
     def request_stop(self, reason: str) -> None:
         """Checkpoint and stop after the step in progress (a step still waiting for samples is abandoned)."""
@@ -96,6 +97,16 @@ class TrainLoop:
             if not self._one_step():
                 break
         self._finish()
+        return self.status
+
+    def idle(self, finished: dict[str, Any]) -> LoopState:
+        """A finished run's trainer restarted (a StatefulSet restarts a container that exited 0): report the
+        run done and wait for a stop, loading and writing nothing, so the run's end stays its end."""
+        self.status.step, self.status.version, self.status.state = finished["step"], finished["version"], "done"
+        self._write_meta(first=True)
+        log.info("run %s finished at step %d; idle until stopped", self.run_id, self.status.step)
+        self.stop_requested.wait()
+        self.status.state = "done"
         return self.status
 
     def _resume(self) -> None:
@@ -136,6 +147,8 @@ class TrainLoop:
             self._run_plan(StepPlan(self.status.step, save_final=True))
         self._broadcast(StepPlan(self.status.step, stop=True))
         self.status.state = "stopped" if stopped else "done"
+        if not stopped:
+            mark_finished(self.run_dir, self.run_id, self.status.step, self.status.version)
         self._write_meta()
         log.info("trainer %s after step %d (version %d)", self.status.state, self.status.step, self.status.version)
 
@@ -150,6 +163,7 @@ class TrainLoop:
         state = {"step": self.status.step, "version": self.status.version}
         self._run_plan(StepPlan(self.status.step, checkpoint=state | self.intake.counts()))
         self.intake.acknowledge()
+        prune_checkpoints(self.run_dir / "checkpoints")
 
     def _publish(self, state: dict | None, version: int) -> None:
         assert state is not None
@@ -251,7 +265,9 @@ class TrainLoop:
 
     def _export(self, step: int, row: dict[str, Any]) -> None:
         """The row's numbers to TensorBoard (when installed) and Prometheus."""
-        if self.tensorboard is not None:
+        if self.tensorboard is None:
+            self.tensorboard = _tensorboard(self.run_dir)
+        if self.tensorboard:
             for key, value in row.items():
                 if isinstance(value, int | float) and not isinstance(value, bool):
                     self.tensorboard.add_scalar(key, value, step)
@@ -283,11 +299,11 @@ def _data_lost(run_id: str) -> IntegrityError:
 
 
 def _tensorboard(run_dir: Path) -> Any:
-    """A TensorBoard writer in `<run_dir>/tensorboard` when tensorboard is installed, else None."""
+    """A TensorBoard writer in `<run_dir>/tensorboard` when tensorboard is installed, else False."""
     try:
         from torch.utils.tensorboard import SummaryWriter
     except ImportError:
-        return None
+        return False
     return SummaryWriter(str(run_dir / "tensorboard"))
 
 

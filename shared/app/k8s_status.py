@@ -47,9 +47,11 @@ class RunStatus:
     configmap: str
     submitted_at: str
     state: str
-    """`running`, `starting`, `stopped`, or `superseded` (another run is current)."""
+    """`running`, `starting`, `finished`, `stopped`, or `superseded` (another run is current)."""
     current_run: str
     pods: list[PodRow]
+    finished: str = ""
+    """The trainer's termination message when it finished the run (its restarted container idles)."""
 
     def render(self) -> str:
         lines = [
@@ -58,6 +60,8 @@ class RunStatus:
         ]
         if self.state == "superseded":
             lines.append(f"  the release now runs {self.current_run!r}")
+        if self.finished:
+            lines.append(f"  {self.finished}; the trainer idles (`cadence k8s stop` frees its GPUs)")
         for pod in self.pods:
             mark = "ready" if pod.ready else "not ready"
             lines.append(
@@ -82,7 +86,24 @@ def status(clients: Clients, run_id: str, namespace: str, release: str | None = 
     rows = [_pod_row(pod) for pod in pods]
     rows.sort(key=lambda row: (SERVICES.index(row.service) if row.service in SERVICES else 99, row.name))
     submitted = (configmap.metadata.annotations or {}).get(SUBMITTED_AT, "")
-    return RunStatus(run_id, rel.name, namespace, configmap.metadata.name, submitted, state, rel.current_run, rows)
+    finished = next(filter(None, (_finished_message(pod, run_id) for pod in pods)), "")
+    if finished and state in ("running", "starting"):
+        state = "finished"
+    return RunStatus(
+        run_id, rel.name, namespace, configmap.metadata.name, submitted, state, rel.current_run, rows, finished
+    )
+
+
+def _finished_message(pod: Any, run_id: str) -> str:
+    """The trainer's "run … finished" termination message (exit 0) on this pod, current or last, else ""."""
+    if (pod.metadata.labels or {}).get("app.kubernetes.io/component") != "trainer":
+        return ""
+    for container in (pod.status.container_statuses if pod.status else None) or []:
+        for state in (container.state, container.last_state):
+            ended = state.terminated if state else None
+            if ended and ended.exit_code == 0 and f"run {run_id} finished" in (ended.message or ""):
+                return ended.message.strip()
+    return ""
 
 
 def _pod_row(pod: Any) -> PodRow:

@@ -19,6 +19,7 @@ from cadence.app.supervisor import Child, Supervisor
 from cadence.config import RunConfig, dump_run_config
 from cadence.errors import CadenceError, NotReady
 from cadence.net import free_port
+from cadence.paths import run_folder
 from cadence.trainer.schedule import Schedule
 
 SERVICES = ("broker", "reward", "inference", "trainer")
@@ -51,7 +52,7 @@ def make_plan(config: RunConfig, runs_root: Path, redis_url: str = "", engine: s
     ports["reward_http"] = free_port()
     for index in range(config.inference.workers):
         ports[f"inference{index}"] = free_port()
-    return RunPlan(config, runs_root / config.run_id, chosen, redis_url, ports)
+    return RunPlan(config, run_folder(runs_root, config.run_id), chosen, redis_url, ports)
 
 
 def describe(plan: RunPlan) -> str:
@@ -137,7 +138,7 @@ class LocalRun:
                 "--config",
                 config_path,
                 "--run-dir",
-                plan.run_dir,
+                plan.run_dir.parent,  # the runs root: the trainer works in <root>/<run_id>
                 "--host",
                 "127.0.0.1",
                 "--grpc-port",

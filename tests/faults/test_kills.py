@@ -30,7 +30,7 @@ SLOW = [
     Fault("broker", "step1"),
     Fault("broker", "step4", overrides={"sync_every": 2}),
     Fault("broker", "step2", action="freeze", down_seconds=5.0),
-    Fault("trainer", "step1"),
+    Fault("trainer", "step1", overrides={"checkpoint_every": 0}),  # no checkpoint yet: replays from step 0
     Fault("trainer", "step6", overrides={"checkpoint_every": 3, "sync_every": 2}),
     Fault("redis", "mid-generation", overrides=LONGER),
     Fault("redis", "mid-scoring", overrides=LONGER),

@@ -90,7 +90,7 @@ def test_serve_reports_status_and_stops_cleanly(
     meta = streams.read_meta(streams.connect(redis_url), "svc")
     assert meta["state"] == "stopped"
     assert load_run_config(tmp_path / "run.yaml").model_dump(mode="json") == yaml.safe_load(meta["config"])
-    run_dir = tmp_path / "run"
+    run_dir = tmp_path / "run" / "svc"  # CADENCE_RUN_DIR is the root of every run's folder
     assert (run_dir / "checkpoints" / "latest").read_text() == f"step-{meta['step']}"
     assert len((run_dir / "ledger.jsonl").read_text().splitlines()) == int(meta["step"])
 
@@ -126,7 +126,7 @@ def test_two_process_zero2_run_under_torchrun(
     finally:
         generator.stop()
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    ledger = (tmp_path / "run" / "ledger.jsonl").read_text().splitlines()
+    ledger = (tmp_path / "run" / "ddp" / "ledger.jsonl").read_text().splitlines()
     assert [json.loads(line)["policy_versions"] for line in ledger] == [[0, 0], [0, 0], [2, 2], [2, 2]]
     assert streams.read_meta(streams.connect(redis_url), "ddp")["version"] == "4"
-    assert (tmp_path / "run" / "final" / "config.json").exists()
+    assert (tmp_path / "run" / "ddp" / "final" / "config.json").exists()
