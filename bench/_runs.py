@@ -50,9 +50,10 @@ def cadence_run(name: str, config: str, overrides: list[str], timeout: float = 9
     with log.open("w") as handle:
         code = subprocess.run(args, stdout=handle, stderr=subprocess.STDOUT, cwd=ROOT, timeout=timeout).returncode
     seconds = time.monotonic() - started
-    folder = RUNS / run_id  # cadence.paths.run_folder
-    if code != 0 or not (folder / "metrics.jsonl").is_file():
+    folders = sorted(RUNS.glob(f"{run_id}-*/"))  # the launcher stamps the id: <run_id>-<date>-<time>
+    if code != 0 or not folders or not (folders[-1] / "metrics.jsonl").is_file():
         raise RuntimeError(f"run {name} failed (exit {code}); see {log}")
+    folder = folders[-1]
     metrics = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines() if line]
     return Run(name, folder, metrics, _json(folder / "eval_before.json"), _json(folder / "eval_after.json"), seconds)
 

@@ -227,7 +227,7 @@ def sweep(args: argparse.Namespace) -> str:
     from bench.sweep import LRS, REGIMES, Grid, run_sweep
 
     regimes = [r for r in REGIMES if args.regimes is None or r[0] in args.regimes]
-    grid = Grid(regimes=regimes, lrs=tuple(args.lrs or LRS))
+    grid = Grid(regimes=regimes, lrs=tuple(args.lrs or LRS), parallel=args.parallel)
     grid.steps, grid.seeds = args.steps or grid.steps, args.seeds or grid.seeds
     return run_sweep(grid)
 
@@ -240,6 +240,7 @@ def main() -> None:
     parser.add_argument("--sweep", action="store_true", help="lr × regime sweep instead (bench/sweep.py, ~1 h)")
     parser.add_argument("--lrs", type=float, nargs="+", default=None, help="--sweep: learning rates")
     parser.add_argument("--regimes", nargs="+", default=None, help="--sweep: regime labels (default: all)")
+    parser.add_argument("--parallel", type=int, default=1, help="--sweep: runs at once")
     args = parser.parse_args()
     if args.sweep:
         print(sweep(args))

@@ -22,7 +22,7 @@ import json
 from dataclasses import dataclass, field
 
 from bench._common import RESULTS
-from bench._runs import Run, cadence_run, load_average, mean_sem
+from bench._runs import Run, load_average, mean_sem, run_many
 
 LRS = (5e-4, 2e-4, 1e-4, 5e-5)
 REGIMES = [
@@ -46,6 +46,8 @@ class Grid:
     regimes: list = field(default_factory=lambda: list(REGIMES))
     checkpoints: int = 6
     problems: int = 200
+    parallel: int = 1
+    """Runs at once; they slow each other alike (cells are interleaved), and the report says how many."""
 
     def overrides(self, seed: int, lr: float) -> list[str]:
         return [
@@ -59,14 +61,16 @@ class Grid:
 
 def run_grid(grid: Grid) -> dict[tuple[str, float], list[Curve]]:
     """Every cell's curves, one per seed."""
-    curves: dict[tuple[str, float], list[Curve]] = {}
+    jobs, keys = [], []
     for seed in range(grid.seeds):
         for lr in grid.lrs:
             for label, config, extra in grid.regimes:
-                print(f"-- {label}, lr {lr:g}, seed {seed}", flush=True)
                 slug = "sw-" + "".join(c if c.isalnum() else "-" for c in label.lower())[:16] + f"-{lr:g}"
-                run = cadence_run(slug, config, grid.overrides(seed, lr) + extra)
-                curves.setdefault((label, lr), []).append(held_out_curve(run, grid))
+                jobs.append((slug, config, grid.overrides(seed, lr) + extra))
+                keys.append((label, lr))
+    curves: dict[tuple[str, float], list[Curve]] = {}
+    for key, run in zip(keys, run_many(jobs, grid.parallel), strict=True):
+        curves.setdefault(key, []).append(held_out_curve(run, grid))
     return curves
 
 
@@ -169,7 +173,8 @@ def report(curves: dict[tuple[str, float], list[Curve]], grid: Grid) -> str:
         f"# Regime × learning-rate sweep on the toy ({grid.steps} steps × 32 prompts × 8 samples, "
         f"{grid.seeds} seed(s), greedy held-out accuracy on {grid.problems} toy test problems)",
         "",
-        f"2-core CPU sandbox; load average at the end {load_average()} (cells interleaved per seed). "
+        f"2-core CPU sandbox; load average at the end {load_average()}; {grid.parallel} run(s) at once, cells "
+        "interleaved per seed, so contention hits every regime alike. "
         "Final accuracy, mean ± standard error over seeds; in brackets the best checkpoint's mean.",
         "",
         "| regime | " + " | ".join(f"lr {lr:g}" for lr in grid.lrs) + " | best lr |",
