@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from cadence.chat import PromptInput, prompt_token_ids
 from cadence.errors import InvalidRequest, NotReady, TooLarge
 
 if TYPE_CHECKING:
@@ -32,8 +33,6 @@ if TYPE_CHECKING:
 
 MAX_N = 64
 MAX_PROMPTS = 1024
-Messages = Sequence[dict[str, str]]
-PromptInput = str | Messages
 
 
 @dataclass(frozen=True)
@@ -183,27 +182,11 @@ class Engine(ABC):
         """Longest prompt + completion the engine takes, in tokens."""
 
     def encode(self, prompt: PromptInput) -> list[int]:
-        """Token ids of a prompt; a message list goes through the model's chat template."""
-        if isinstance(prompt, str):
-            return list(self.tokenizer(prompt).input_ids)
-        if not prompt:
-            raise InvalidRequest("a prompt needs `text` or at least one chat message")
-        if not self.tokenizer.chat_template:
-            raise InvalidRequest(f"model {self.model_path} has no chat template; send the prompt as text")
-        from jinja2 import TemplateError
-
-        try:
-            encoded = self.tokenizer.apply_chat_template(
-                [dict(message) for message in prompt], add_generation_prompt=True, tokenize=True, return_dict=True
-            )
-        except (TemplateError, ValueError, TypeError, KeyError) as error:
-            raise InvalidRequest(f"the chat template of {self.model_path} refused the messages: {error}") from error
-        return list(encoded["input_ids"])
+        """Token ids of a prompt: messages through the model's chat template (`cadence.chat`), text as is."""
+        return prompt_token_ids(self.tokenizer, prompt)
 
     def prepare(self, prompt: PromptInput, params: SamplingParams) -> list[int]:
         """Token ids of one prompt, or `InvalidRequest` when it cannot be generated with `params`."""
-        if isinstance(prompt, str) and not prompt:
-            raise InvalidRequest("a prompt needs `text` or at least one chat message")
         ids = self.encode(prompt)
         if len(ids) + params.max_tokens > self.max_model_len:
             raise TooLarge(

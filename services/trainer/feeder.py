@@ -49,7 +49,7 @@ class PromptPlan:
         config: RunConfig,
         problems: Sequence[Sequence[Problem]],
         run_id: str,
-        token_count: Callable[[str], int] | None = None,
+        token_count: Callable[[Problem], int] | None = None,
     ) -> None:
         self.config, self.run_id = config, run_id
         self.schedule = Schedule.of(config)
@@ -69,11 +69,12 @@ class PromptPlan:
         )
 
     def _admissible(
-        self, name: str, pool: Sequence[Problem], token_count: Callable[[str], int] | None
+        self, name: str, pool: Sequence[Problem], token_count: Callable[[Problem], int] | None
     ) -> list[Problem]:
-        """Refuse prompts longer than `model.max_prompt_tokens` (logged), keep the rest in order."""
+        """Refuse prompts longer than `model.max_prompt_tokens` (logged), keep the rest in order.
+        `token_count` measures the prompt as the model gets it (`cadence.chat.prompt_token_ids`)."""
         limit = self.config.model.max_prompt_tokens
-        kept = [p for p in pool if token_count is None or token_count(p.text) <= limit]
+        kept = [p for p in pool if token_count is None or token_count(p) <= limit]
         if len(kept) < len(pool):
             log.warning("task %s: %d prompts longer than %d tokens refused", name, len(pool) - len(kept), limit)
         if not kept:

@@ -150,7 +150,12 @@ class Intake:
 
     def _group(self, scored: common_pb2.ScoredRollout) -> Group:
         rollout = scored.rollout
-        prompt_ids = list(rollout.prompt_token_ids) or self.tokenizer(rollout.prompt.text)["input_ids"]
+        if not rollout.prompt_token_ids:
+            raise InvalidRequest(
+                "the rollout carries no prompt_token_ids; the inference worker must send the ids it generated "
+                "from (the trainer scores those, never a re-tokenized prompt text)"
+            )
+        prompt_ids = list(rollout.prompt_token_ids)
         completions = [
             list(s.token_ids) or self.tokenizer(s.text, add_special_tokens=False)["input_ids"] for s in rollout.samples
         ]

@@ -95,6 +95,7 @@ def _serve_main(
     settings: TrainerSettings, config: RunConfig, run_id: str, engine: Any, tokenizer: Any, point: ResumePoint
 ) -> None:
     from cadence import streams
+    from cadence.chat import prompt_token_ids
     from cadence.clients.broker import BrokerClient
     from cadence.grpc import ServiceServer
     from cadence.metrics import serve_metrics
@@ -108,7 +109,7 @@ def _serve_main(
     meta = {"config": dump_run_config(config), "state": "starting", "total_steps": config.steps}
     streams.write_meta(client, run_id, meta)
     problems = [load_problems(task, seed=config.seed) for task in config.tasks]
-    plan = PromptPlan(config, problems, run_id, token_count=lambda text: len(tokenizer(text)["input_ids"]))
+    plan = PromptPlan(config, problems, run_id, token_count=lambda p: len(prompt_token_ids(tokenizer, p.chat())))
     transport = BrokerClient(settings.broker_addr, run_id)
     loop = TrainLoop(engine, tokenizer, client, Feeder(client, plan), transport, settings.run_dir, run_id)
     server = ServiceServer("trainer", settings.host, settings.grpc_port or default_port("trainer"))

@@ -1,4 +1,5 @@
-"""The unit every prompt source yields: one problem with its prompt and (for math) its gold answer."""
+"""The unit every prompt source yields: one problem with its prompt as chat messages and as plain text, and
+(for math) its gold answer. `cadence.chat` turns the messages into token ids with the model's template."""
 
 from __future__ import annotations
 
@@ -21,13 +22,16 @@ class Problem:
     """The prompt as plain text (what a model sees without a chat template)."""
     reference: str | None = None
     messages: tuple[dict[str, str], ...] | None = None
-    """The conversation so far, for chat models; None: a single user turn holding `text`."""
+    """The conversation so far; left out, a single user turn holding `text` (every loader's math problem,
+    WildChat's first user turn). Always set after construction."""
+
+    def __post_init__(self) -> None:
+        if not self.messages:
+            object.__setattr__(self, "messages", ({"role": "user", "content": self.text},))
 
     def chat(self) -> list[dict[str, str]]:
-        """The prompt as a message list for `apply_chat_template`."""
-        if self.messages:
-            return [dict(message) for message in self.messages]
-        return [{"role": "user", "content": self.text}]
+        """The prompt as a message list for `apply_chat_template` (`cadence.chat.prompt_token_ids`)."""
+        return [dict(message) for message in self.messages or ()]
 
 
 def math_prompt(problem: str) -> str:

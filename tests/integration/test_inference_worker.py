@@ -18,8 +18,6 @@ import redis
 import torch
 from safetensors.torch import load_file
 
-from cadence.broker.main import build
-from cadence.broker.settings import BrokerSettings
 from cadence.clients import BrokerClient
 from cadence.inference.engine import SamplingParams
 from cadence.inference.hf_engine import HFEngine
@@ -32,15 +30,6 @@ torch.set_num_threads(1)
 RUN = "inf-test"
 PROMPTS_KEY, ROLLOUTS_KEY = stream_key(RUN, "prompts"), stream_key(RUN, "rollouts")
 GREEDY = common_pb2.SamplingParams(temperature=0.0, max_tokens=8)
-
-
-@pytest.fixture
-def broker() -> Iterator[str]:
-    server, servicer = build(BrokerSettings(host="127.0.0.1", grpc_port=free_port(), store="memory", retain=2))
-    port = server.start()
-    yield f"127.0.0.1:{port}"
-    servicer.close()
-    server.stop(0.5)
 
 
 class RunningWorker:

@@ -56,12 +56,14 @@ def test_mixed_tasks_are_drawn_by_weight_and_tagged_with_their_kind() -> None:
     prompts = PromptPlan(config, [math, chat], "r").prompts_for(0)
     assert [p.task for p in prompts] == ["math", "math", "math", "chat"]
     assert prompts[3].reference == ""
+    # every prompt goes out as chat messages (a user turn); the engine applies the model's template
+    assert [(m.role, m.content) for m in prompts[3].messages] == [("user", prompts[3].text)]
 
 
 def test_overlong_prompts_are_refused() -> None:
     config = run_config(model={"max_prompt_tokens": 12})
     problems = [Problem("short", "math", "What is 1+1?", "2"), Problem("long", "math", "x" * 40, "1")]
-    plan = PromptPlan(config, [problems], "r", token_count=len)
+    plan = PromptPlan(config, [problems], "r", token_count=lambda p: len(p.text))
     assert {p.prompt_id.split(":", 1)[1] for p in plan.prompts_for(0)} == {"short"}
     with pytest.raises(ValueError, match="max_prompt_tokens"):
-        PromptPlan(config, [problems[1:]], "r", token_count=len)
+        PromptPlan(config, [problems[1:]], "r", token_count=lambda p: len(p.text))
