@@ -19,7 +19,7 @@ import time
 
 from bench._common import RESULTS
 
-BENCHMARKS = ("broker", "reward", "trainer", "inference", "pipeline", "paper")
+BENCHMARKS = ("broker", "sync", "reward", "trainer", "inference", "pipeline", "paper")
 
 
 def run_one(name: str, quick: bool) -> tuple[int, float]:

@@ -18,7 +18,8 @@ as the trainer publishes them on GPU (bf16, `cadence.weights.pack`), and
 s = 1 figures are the mean over the ten consecutive pairs (Adam's first step moves every weight by the full
 lr, later ones by less); the candidates are compared on the last pair. MB = 10^6 bytes.
 
-Run: `.venv/bin/python bench/sync.py [--steps 10]` (about three minutes on 2 cores; not run in CI).
+Run: `.venv/bin/python -m bench.sync [--quick]` (not run in CI; on the shared 2-core sandbox the full run took
+about 45 minutes, `--quick` about 12, most of it the optimizer steps).
 """
 
 from __future__ import annotations
@@ -241,7 +242,10 @@ def _renumbered(packed: Packed, run: str, version: int) -> Packed:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=10, help="optimizer steps per learning rate (s = 10 needs 10)")
+    parser.add_argument("--quick", action="store_true", help="2 steps per learning rate (s = 2 instead of 10)")
     args = parser.parse_args()
+    if args.quick:
+        args.steps = 2
     torch.manual_seed(0)
     proc, target = start_broker()
     try:

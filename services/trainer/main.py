@@ -110,7 +110,7 @@ def _serve_main(
     streams.write_meta(client, run_id, meta)
     problems = [load_problems(task, seed=config.seed) for task in config.tasks]
     plan = PromptPlan(config, problems, run_id, token_count=lambda p: len(prompt_token_ids(tokenizer, p.chat())))
-    transport = BrokerClient(settings.broker_addr, run_id)
+    transport = BrokerClient(settings.broker_addr, run_id, keyframe_every=settings.keyframe_every)
     loop = TrainLoop(engine, tokenizer, client, Feeder(client, plan), transport, settings.run_dir, run_id)
     server = ServiceServer("trainer", settings.host, settings.grpc_port or default_port("trainer"))
     server.add_servicer(trainer_pb2_grpc.add_TrainerServicer_to_server, TrainerServicer(loop), "cadence.v1.Trainer")

@@ -4,6 +4,8 @@ The trainer calls `publish(state_dict, version)`; inference workers `watch(after
 `fetch_tensors(version)` to load layer by layer while the rest still streams). Every chunk is verified by
 sha256 as it arrives, and the whole payload at the end; tensors come back bit for bit (bf16 included).
 Dropped connections are retried with exponential backoff, and a fetch resumes from its last verified chunk.
+Versions travel as deltas against the one before where that pays (`cadence.weights_delta`; the broker's
+README says when); what a fetch yields is always checked against the full version's digests.
 
 `make_transport(kind, ...)` picks the implementation; a same-cluster collective path (torch.distributed
 broadcast coordinated by the broker) can be added there without touching callers.
@@ -282,10 +284,15 @@ class BrokerClient(WeightTransport):
                     raise errors.IntegrityError("the broker sent a delta against a version this fetcher lacks")
                 state.assembler = Assembler(weights_delta.transport(manifest))
             else:
-                state.assembler = Assembler(manifest)
+                state.assembler = Assembler(manifest, buffer=self._reusable(manifest))
             state.manifest = manifest
         elif manifest != state.manifest:
             raise errors.IntegrityError(f"version {state.version} changed between resumed fetches; fetch it again")
+
+    def _reusable(self, manifest: common_pb2.WeightManifest) -> Any:
+        """The held version's buffer, to receive a full version of the same size into (it stops being a base)."""
+        held, self._held = self._held, None
+        return held.payload if held is not None and len(held.payload) == manifest.total_bytes else None
 
     def _call(self, method: str, fn: Callable[[], T]) -> T:
         """Run a unary or client-streaming call, retrying transient failures with backoff."""
