@@ -241,6 +241,22 @@ class RunConfig(_Strict):
             raise ValueError("DPO needs sampling.n >= 2 samples per prompt to form a pair")
         return self
 
+    @model_validator(mode="after")
+    def _grpo_samples_the_trained_distribution(self) -> RunConfig:
+        """GRPO's ratios π/π_old and importance weights are the trainer's log-softmax of the logits (T = 1,
+        no nucleus), which equals the sampler's distribution only at temperature 1 with no top-p/top-k cut.
+        Anything else samples another policy and the ratios would be silently off, so it is refused. DPO may
+        sample at any setting: its loss never uses the sampler's log-probs, the settings only shape the pairs."""
+        sampling = self.sampling
+        if self.uses_grpo and (sampling.temperature != 1.0 or sampling.top_p < 1.0 or sampling.top_k > 0):
+            raise ValueError(
+                f"GRPO samples must come from the distribution the trainer scores (temperature 1, top_p 1, "
+                f"top_k 0); got temperature {sampling.temperature}, top_p {sampling.top_p}, top_k "
+                f"{sampling.top_k}, under which the ratios π/π_old would be computed for another policy. "
+                "Set sampling.temperature: 1.0, top_p: 1.0, top_k: 0 (as the paper samples), or use DPO"
+            )
+        return self
+
     @property
     def offline(self) -> bool:
         return self.sync_every is None

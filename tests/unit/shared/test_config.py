@@ -77,6 +77,26 @@ def test_dpo_needs_two_samples() -> None:
         parse_run_config({"sampling": {"n": 1}})
 
 
+@pytest.mark.parametrize(
+    ("algorithm", "sampling"),
+    [
+        ({"type": "grpo"}, {"temperature": 0.7}),
+        ({"type": "grpo"}, {"top_p": 0.9}),
+        ({"type": "grpo"}, {"top_k": 20}),
+        ({"type": "dpo", "grpo_coef": 0.5}, {"temperature": 0.6}),  # DPO + α·GRPO has a GRPO part
+    ],
+)
+def test_grpo_refuses_sampling_the_trainer_does_not_score(algorithm: dict, sampling: dict) -> None:
+    """π/π_old is the log-softmax of the logits (T = 1, no nucleus): other sampling would skew it silently."""
+    with pytest.raises(ConfigError, match=r"temperature: 1\.0, top_p: 1\.0, top_k: 0"):
+        parse_run_config({"algorithm": algorithm, "sampling": sampling})
+
+
+def test_dpo_samples_at_any_temperature() -> None:
+    config = parse_run_config({"algorithm": {"type": "dpo"}, "sampling": {"temperature": 0.7, "top_p": 0.9}})
+    assert config.sampling.temperature == 0.7
+
+
 def test_bad_run_id_is_refused() -> None:
     with pytest.raises(ConfigError, match="run_id"):
         parse_run_config({"run_id": "a b/c"})
