@@ -2,10 +2,10 @@
 
 Keys are `cadence:{<run_id>}:<kind>`; the braces are a Redis Cluster hash tag, so one run's keys share a slot
 and the atomic forward script below works on a cluster too. Each entry holds one serialized message in field
-`m`. Delivery is at-least-once: a consumer's entries stay pending until it acknowledges them, and entries
-left pending by a dead consumer are reclaimed by another (XAUTOCLAIM) after an idle timeout. `forward`
-writes a stage's outputs and acknowledges its inputs in one atomic script that first checks the consumer
-still owns the inputs, so a slow consumer whose entries were reclaimed cannot write a duplicate.
+`m`. Delivery is at-least-once: entries stay pending until acknowledged; a dead consumer's are reclaimed
+(XAUTOCLAIM) after an idle timeout. `forward` writes a stage's outputs and acknowledges its inputs in one
+script that first checks the consumer still owns them, so a reclaimed slow consumer cannot write a duplicate.
+Entries every group acknowledged are trimmed (`trim_finished`).
 """
 
 from __future__ import annotations
@@ -147,9 +147,46 @@ def add_with_meta(
     return [entry_id.decode() for entry_id in ids]
 
 
-def _xadd_all(pipe: redis.client.Pipeline, key: str, messages: Sequence[Message]) -> None:
-    for message in messages:
-        pipe.xadd(key, {FIELD: message.SerializeToString()})
+def memory(client: redis.Redis) -> tuple[int, int]:
+    """Redis's `used_memory` and `maxmemory` (0: no limit), in bytes."""
+    info = retrying(lambda: client.info("memory"), "info memory")
+    return int(info["used_memory"]), int(info.get("maxmemory") or 0)
+
+
+def trim_finished(
+    client: redis.Redis, key: str, archive: Callable[[list[tuple[str, dict]]], None] | None = None
+) -> int:
+    """Delete the entries of `key` every consumer group was given and acknowledged (XTRIM MINID), so a long
+    run's streams hold only the work in flight; returns how many went. `archive` first gets those (id, fields)
+    (a crash in between hands them to the next call again). A stream without groups is left alone."""
+    if (threshold := _finished_below(client, key)) is None:
+        return 0
+    if archive is not None:
+        if not (entries := retrying(lambda: client.xrange(key, "-", f"({threshold}"), "xrange finished")):
+            return 0
+        archive([(raw_id.decode(), fields) for raw_id, fields in entries])
+    return int(retrying(lambda: client.xtrim(key, minid=threshold, approximate=False), "xtrim"))
+
+
+def _finished_below(client: redis.Redis, key: str) -> str | None:
+    """The smallest entry id a group still needs (its oldest pending one, else the one after its last delivered
+    one): every group acknowledged every entry below it. None: no groups (or no stream)."""
+    try:
+        if not (groups := retrying(lambda: client.xinfo_groups(key), "xinfo groups")):
+            return None
+    except redis.ResponseError:  # no such stream
+        return None
+    needed = []
+    for group in groups:
+        pending = retrying(lambda name=group["name"]: client.xpending(key, name), "xpending")
+        ms, seq = _entry_id(pending["min"] if pending["pending"] else group["last-delivered-id"])
+        needed.append((ms, seq if pending["pending"] else seq + 1))
+    return "-".join(map(str, min(needed)))
+
+
+def _entry_id(raw: bytes | str) -> tuple[int, int]:
+    ms, seq = (raw.decode() if isinstance(raw, bytes) else raw).split("-")
+    return int(ms), int(seq)
 
 
 class StreamProducer:
@@ -165,7 +202,8 @@ class StreamProducer:
     def add_many(self, messages: Sequence[Message]) -> list[str]:
         def call() -> list[bytes]:
             pipe = self.client.pipeline(transaction=True)
-            _xadd_all(pipe, self.key, messages)
+            for message in messages:
+                pipe.xadd(self.key, {FIELD: message.SerializeToString()})
             return pipe.execute()
 
         return [entry_id.decode() for entry_id in retrying(call, "xadd batch")]

@@ -4,7 +4,8 @@
   by the intake (`intake.py`: the cadence rule's admission, rejects, duplicates).
 - Weights go to the broker at the schedule's publish points, every s steps (`schedule.py`, `publishing.py`); the
   reference and GRPO's π_old move at its sync points. The loop does not wait for anyone to fetch the weights.
-- Crash consistency: scored entries are acknowledged only once a checkpoint covering them is written,
+- Crash consistency: scored entries are acknowledged only once a checkpoint covering them is written (and
+  then every stream's finished entries are trimmed, `retention.py`),
   so a restarted trainer re-reads exactly the samples of the steps it lost and replays them; versions the
   broker already holds are never published again; metrics and ledger lines after the checkpoint are cut.
 - Faults: an unreachable broker is waited out; a broker that restarted empty gets the newest version again;
@@ -29,6 +30,7 @@ from cadence.trainer.feeder import Feeder
 from cadence.trainer.intake import Intake
 from cadence.trainer.publishing import Publisher
 from cadence.trainer.resume import mark_finished, prune_checkpoints
+from cadence.trainer.retention import StreamRetention
 from cadence.trainer.update import Group, StepPlan, broadcast_plan, execute
 
 log = get_logger(__name__)
@@ -77,6 +79,7 @@ class TrainLoop:
         self.stop_requested = threading.Event()
         self.publisher = Publisher(transport, self.stop_requested)
         self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.retention = StreamRetention(client, run_id, self.run_dir)
         self.tensorboard: Any = None  # opened at the first step: an idle finished run writes nothing
 
     def request_stop(self, reason: str) -> None:
@@ -163,6 +166,7 @@ class TrainLoop:
         state = {"step": self.status.step, "version": self.status.version}
         self._run_plan(StepPlan(self.status.step, checkpoint=state | self.intake.counts()))
         self.intake.acknowledge()
+        self.retention.trim()
         prune_checkpoints(self.run_dir / "checkpoints")
 
     def _publish(self, state: dict | None, version: int) -> None:
@@ -217,6 +221,7 @@ class TrainLoop:
         _append(self.run_dir / "ledger.jsonl", ledger | {"samples": sum(len(g.rewards) for g in groups)})
         self.status.metrics = row
         self._export(step, row)
+        self.retention.observe()
         self._write_meta()
         log.info(
             "step %d loss %.4f reward %s pairs %s/%s wait %.2fs compute %.2fs",

@@ -23,6 +23,8 @@ from cadence.paths import run_folder
 from cadence.trainer.schedule import Schedule
 
 SERVICES = ("broker", "reward", "inference", "trainer")
+LOCAL_REDIS_MAXMEMORY = "1gb"
+"""The private Redis's ceiling; the trainer trims finished stream entries at every checkpoint."""
 
 
 @dataclass
@@ -168,6 +170,10 @@ class LocalRun:
                 "",
                 "--appendonly",
                 "yes",
+                "--maxmemory",  # full: refuse writes (the writer fails loudly), never evict queued work
+                LOCAL_REDIS_MAXMEMORY,
+                "--maxmemory-policy",
+                "noeviction",
             ],
         )
         return f"redis://127.0.0.1:{port}/0"

@@ -1,6 +1,7 @@
 """Fault injection on real local runs: start a short toy run as real processes (the launcher's own
 `LocalRun`), SIGKILL (or freeze) one service at a chosen moment, restart it with the same arguments and
-environment, let the run finish, then audit the run's ledger and its Redis streams.
+environment, let the run finish, then audit the run's ledger and its Redis streams (with the entries the
+trainer trimmed from them, archived in the run folder).
 
 The audit is what Cadence promises (README "Guarantees"): every step recorded once with its full batch,
 every prompt generated, scored and trained on exactly once, policy versions following the cadence rule
@@ -23,8 +24,8 @@ import redis
 from cadence import streams
 from cadence.app.launcher import LocalRun, ServiceFailed, make_plan
 from cadence.config import RunConfig, dump_run_config, parse_run_config
+from cadence.trainer import retention
 from cadence.trainer.schedule import Schedule
-from cadence.v1 import common_pb2
 
 RECLAIM_IDLE_MS = 3000
 """Workers take over a dead worker's entries after this long (30 s in production; short so tests are quick)."""
@@ -163,13 +164,16 @@ class FaultRun:
     def _raise_if_failed(self) -> None:
         self.local.raise_if_failed()
 
-    def stream_messages(self) -> dict[str, list[Any]]:
-        """Every message of the run's three streams (read with XRANGE: nothing is consumed)."""
-        types = {"prompts": common_pb2.Prompt, "rollouts": common_pb2.Rollout, "scored": common_pb2.ScoredRollout}
-        found: dict[str, list[Any]] = {}
-        for kind, message_type in types.items():
-            entries = self.redis.xrange(streams.stream_key(self.config.run_id, kind))
-            found[kind] = [message_type.FromString(fields[streams.FIELD]) for _, fields in entries]
+    def stream_prompt_ids(self) -> dict[str, list[str]]:
+        """The prompt id of every entry the run's three streams were ever given: the entries the trainer
+        trimmed (archived in `<run_dir>/streams/`) and those still in Redis (read with XRANGE)."""
+        found: dict[str, list[str]] = {}
+        for kind in retention.MESSAGES:
+            entries = retention.archived(self.run_dir, kind)
+            for raw_id, fields in self.redis.xrange(streams.stream_key(self.config.run_id, kind)):
+                message = retention.MESSAGES[kind].FromString(fields[streams.FIELD])
+                entries[raw_id.decode()] = retention.prompt_id(kind, message)
+            found[kind] = list(entries.values())
         return found
 
     def logs(self, lines: int = 15) -> str:
@@ -204,8 +208,8 @@ def audit(run: FaultRun) -> dict[str, Any]:
     config = run.config
     ledger = read_jsonl(run.run_dir / "ledger.jsonl")
     check_ledger(ledger, config)
-    messages = run.stream_messages()
-    prompt_ids = [p.prompt_id for p in messages["prompts"]]
+    messages = run.stream_prompt_ids()
+    prompt_ids = messages["prompts"]
     expected = sorted(pid for row in ledger for pid in row["prompt_ids"])
     assert sorted(prompt_ids) == expected, (
         "the feeder enqueued a prompt twice or one the trainer never used: "
@@ -214,10 +218,7 @@ def audit(run: FaultRun) -> dict[str, Any]:
         f"never trained {sorted(set(prompt_ids) - set(expected))}, "
         f"never enqueued {sorted(set(expected) - set(prompt_ids))}"
     )
-    for kind, ids in (
-        ("rollouts", [r.prompt.prompt_id for r in messages["rollouts"]]),
-        ("scored", [s.rollout.prompt.prompt_id for s in messages["scored"]]),
-    ):
+    for kind, ids in (("rollouts", messages["rollouts"]), ("scored", messages["scored"])):
         twice = [pid for pid, count in Counter(ids).items() if count > 1]
         assert not twice, f"{kind}: prompts written more than once: {twice}"
         assert sorted(ids) == expected, f"{kind}: prompts missing: {sorted(set(expected) - set(ids))}"

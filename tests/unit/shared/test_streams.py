@@ -200,3 +200,27 @@ def test_keep_alive_keeps_a_slow_consumers_entries(redis_url: str) -> None:
     taken = slow.read(1)
     time.sleep(0.4)  # no keep-alive: idle past the timeout, so another consumer takes it over
     assert [e.id for e in rival.read(1)] == [e.id for e in taken]
+
+
+def test_trim_removes_only_what_every_group_acknowledged(redis_url: str) -> None:
+    """Two groups on one stream: an entry goes once both acknowledged it; pending or undelivered entries
+    stay, and the archive sees exactly the trimmed ones first."""
+    client = redis.Redis.from_url(redis_url)
+    key = streams.stream_key("trim", "prompts")
+    assert streams.trim_finished(client, key) == 0  # no stream, no groups: nothing is known to be done
+    first = streams.StreamConsumer(client, key, "inference", "a", common_pb2.Prompt, block_ms=10)
+    second = streams.StreamConsumer(client, key, "audit", "b", common_pb2.Prompt, block_ms=10)
+    ids = streams.StreamProducer(client, key).add_many(prompts(6))
+    first.ack([e.id for e in first.read(4)])  # 0-3 done by the first group, 4-5 not delivered to it
+    taken = second.read(3)
+    second.ack([taken[0].id, taken[2].id])  # 0 and 2 done, 1 pending in the second group
+    archived: list[str] = []
+    assert streams.trim_finished(client, key, lambda found: archived.extend(i for i, _ in found)) == 1
+    assert archived == ids[:1] and [i.decode() for i, _ in client.xrange(key)] == ids[1:]
+    second.ack([taken[1].id])
+    second.ack([e.id for e in second.read(3)])
+    assert streams.trim_finished(client, key) == 3  # 1-3: the first group still has 4 and 5 to read
+    assert [i.decode() for i, _ in client.xrange(key)] == ids[4:]
+    first.ack([e.id for e in first.read(2)])
+    assert streams.trim_finished(client, key) == 2 and client.xlen(key) == 0
+    assert first.lag() == 0 and first.pending() == 0
