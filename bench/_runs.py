@@ -37,8 +37,9 @@ class Run:
         return [row[key] for row in self.metrics if row.get(key) is not None]
 
 
-def cadence_run(name: str, config: str, overrides: list[str], timeout: float = 900.0) -> Run:
-    """`cadence run configs/<config>.yaml --set ...` as run `name`; raises when it fails."""
+def cadence_run(name: str, config: str, overrides: list[str], timeout: float = 3600.0) -> Run:
+    """`cadence run configs/<config>.yaml --set ...` as run `name`; raises when it fails. The timeout is for a
+    hung run: a 200-step toy run on 2 cores shared with other jobs took over 15 minutes."""
     RUNS.mkdir(parents=True, exist_ok=True)
     run_id = f"{name}-{os.getpid()}-{int(time.time() * 1000) % 10**8}"
     args = [sys.executable, "-m", "cadence.app.cli", "run", str(ROOT / "configs" / f"{config}.yaml")]
