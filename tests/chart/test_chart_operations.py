@@ -151,8 +151,14 @@ def test_a_job_downloads_gated_models_and_model_pods_wait_for_them(rendered: dic
     _validate(job)
     download = job["spec"]["template"]["spec"]["containers"][0]
     assert download["command"][-1] == "meta-llama/Llama-3.1-8B-Instruct"
-    assert env(download)["HF_TOKEN"] == {"secretKeyRef": {"name": "hf-token", "key": "token"}}
+    # the token reaches huggingface_hub as a mounted file, never as an environment value
+    assert env(download)["HF_TOKEN_PATH"] == "/var/run/secrets/cadence/hf/token"
+    assert "HF_TOKEN" not in env(download)
     volumes = {v["name"]: v for v in job["spec"]["template"]["spec"]["volumes"]}
+    assert volumes["hf-token"]["secret"]["secretName"] == "hf-token"
+    assert volumes["hf-token"]["secret"]["items"] == [{"key": "token", "path": "token"}]
+    mounts = {m["name"]: m["mountPath"] for m in download["volumeMounts"]}
+    assert mounts["hf-token"] == "/var/run/secrets/cadence/hf"
     assert volumes["models"]["persistentVolumeClaim"] == {"claimName": "cadence-models"}  # read-write for the Job only
     inference = find(docs, "Deployment", "rel-cadence-inference")
     model = env(container(inference, "inference"))["CADENCE_MODEL"]

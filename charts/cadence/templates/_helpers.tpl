@@ -295,6 +295,7 @@ cadence.cacheVolumes: writable paths under a read-only root filesystem: /tmp, th
     claimName: {{ . }}
     readOnly: true
 {{- end }}
+{{- include "cadence.hfTokenVolume" . }}
 {{- end }}
 
 {{/*
@@ -317,6 +318,7 @@ cadence.cacheMounts: the mounts matching cadence.cacheVolumes.
   mountPath: {{ .Values.models.mountPath }}
   readOnly: true
 {{- end }}
+{{- include "cadence.hfTokenMount" . }}
 {{- end }}
 
 {{/*
@@ -414,15 +416,40 @@ store holds every version (budget + 1 GiB); the volume store streams chunks (2 G
 {{- end }}
 
 {{/*
-cadence.hfTokenEnv: HF_TOKEN from models.hfToken.existingSecret (gated hub models), when set.
+cadence.hfTokenEnv: with models.hfToken.existingSecret (gated hub models), HF_TOKEN_PATH naming the token
+file that cadence.hfTokenVolume/cadence.hfTokenMount put in place: huggingface_hub reads the token from it,
+so the secret never sits in the environment (checkov CKV_K8S_35).
 */}}
 {{- define "cadence.hfTokenEnv" -}}
+{{- if .Values.models.hfToken.existingSecret }}
+- name: HF_TOKEN_PATH
+  value: /var/run/secrets/cadence/hf/token
+{{- end }}
+{{- end }}
+
+{{/*
+cadence.hfTokenVolume: the Secret volume holding the hub token (key models.hfToken.secretKey → file `token`).
+*/}}
+{{- define "cadence.hfTokenVolume" -}}
 {{- with .Values.models.hfToken.existingSecret }}
-- name: HF_TOKEN
-  valueFrom:
-    secretKeyRef:
-      name: {{ . }}
-      key: {{ $.Values.models.hfToken.secretKey }}
+- name: hf-token
+  secret:
+    secretName: {{ . }}
+    defaultMode: 0400
+    items:
+      - key: {{ $.Values.models.hfToken.secretKey }}
+        path: token
+{{- end }}
+{{- end }}
+
+{{/*
+cadence.hfTokenMount: the mount matching cadence.hfTokenVolume.
+*/}}
+{{- define "cadence.hfTokenMount" -}}
+{{- if .Values.models.hfToken.existingSecret }}
+- name: hf-token
+  mountPath: /var/run/secrets/cadence/hf
+  readOnly: true
 {{- end }}
 {{- end }}
 
