@@ -60,7 +60,7 @@ def test_reward_image_serves_alone_with_api_keys_from_a_file(engine: Engine, ima
         items = {"items": [{"response": "2 + 2 = \\boxed{4}", "reference": "4"}, {"response": "5", "reference": "4"}]}
         status, reply = _call(port, "/v1/score", items)
         assert status == 401 and "Authorization: Bearer" in json.dumps(reply)
-        assert _call(port, "/v1/score", items, key="not-a-key")[0] == 401
+        assert _call(port, "/v1/score", items, key="not-a-key")[0] == 403  # known header, unknown key
         status, reply = _call(port, "/v1/score", items, key="second-key")
         assert status == 200 and [r["reward"] for r in reply["results"]] == [1.0, 0.0], reply
         openrlhf = {"query": ["1+1? \\boxed{2}", "1+1? 3"], "labels": ["2", "2"]}
