@@ -13,14 +13,15 @@ import os
 import re
 import shutil
 import uuid
+import weakref
 from pathlib import Path
 
 from cadence import weights_delta
-from cadence.broker.store import RUN_ID, Payload, Slot, WeightStore, stored_size
+from cadence.broker.store import RUN_ID, MemoryStore, Payload, Slot, WeightStore, stored_size
 from cadence.errors import ConfigError, InvalidRequest, Overloaded
 from cadence.logging import get_logger
 from cadence.v1.common_pb2 import VersionInfo, WeightManifest
-from cadence.weights import validate_manifest, verify_payload, version_info
+from cadence.weights import Buffer, validate_manifest, verify_payload, version_info
 
 log = get_logger(__name__)
 
@@ -103,6 +104,55 @@ class DirectoryStore(WeightStore):
             shutil.rmtree(path, ignore_errors=True)
             return None
         return Slot(version_info(manifest, published), manifest, payload, path)
+
+
+class SpillingStore(MemoryStore):
+    """The memory store with a ceiling on the memory it holds (`memory_bytes`): a version that would pass it
+    is assembled in, and served from, a file under `spill_dir` (a volume; read through mmap, deleted when
+    evicted), so a version larger than the pod's memory is kept rather than refused or OOM-killed. Like the
+    memory store, nothing survives a restart (the trainer re-publishes); `max_bytes` still bounds the total."""
+
+    def __init__(self, spill_dir: Path, retain: int = 2, max_bytes: int = 16 << 30, memory_bytes: int = 4 << 30):
+        super().__init__(retain, max_bytes)
+        self.spill_dir, self.memory_bytes = Path(spill_dir), memory_bytes
+        shutil.rmtree(self.spill_dir, ignore_errors=True)  # a previous process's versions are gone with it
+        self.spill_dir.mkdir(parents=True, exist_ok=True)
+        self._files: weakref.WeakKeyDictionary[mmap.mmap, Path] = weakref.WeakKeyDictionary()
+        """File-backed receive buffers (a failed publish's goes with its buffer) → their (unlinked) file."""
+
+    def in_memory(self) -> int:
+        """Payload bytes held in process memory (stored versions not in a file)."""
+        with self._cond:
+            return sum(len(s.payload) for run in self._runs.values() for s in run.values() if s.path is None)
+
+    def receive_buffer(self, nbytes: int) -> Buffer:
+        if nbytes == 0 or self.in_memory() + nbytes <= self.memory_bytes:
+            return super().receive_buffer(nbytes)
+        buffer, path = self._spill_file(nbytes)
+        self._files[buffer] = path
+        log.info("assembling a publish on the volume", extra={"bytes": nbytes, "dir": str(self.spill_dir)})
+        return buffer
+
+    def _persist(self, manifest: WeightManifest, payload: Payload, info: VersionInfo) -> tuple[Payload, Path | None]:
+        path = self._files.pop(payload, None) if isinstance(payload, mmap.mmap) else None
+        if path is None and len(payload) and self.in_memory() + len(payload) > self.memory_bytes:
+            spilled, path = self._spill_file(len(payload))
+            spilled[:] = payload
+            payload = spilled
+        return payload, path
+
+    def _spill_file(self, nbytes: int) -> tuple[mmap.mmap, Path]:
+        """A shared map of a new file of `nbytes` under `spill_dir`, unlinked at once: its blocks stay on the
+        volume while the map lives and are freed with it (a crashed broker leaves nothing behind)."""
+        path = self.spill_dir / f"{uuid.uuid4().hex}.bin"
+        with open(path, "w+b") as handle:
+            handle.truncate(nbytes)
+            buffer = mmap.mmap(handle.fileno(), nbytes)
+        path.unlink()
+        return buffer, path
+
+    def _discard(self, slot: Slot) -> None:
+        slot.payload = b""  # the map goes with the last view a finishing stream holds, and the file's blocks with it
 
 
 def _write_synced(path: Path, data: bytes) -> None:

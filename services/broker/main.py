@@ -27,7 +27,7 @@ def build(settings: BrokerSettings) -> tuple[ServiceServer, BrokerServicer]:
     from cadence.broker.server import BrokerServicer, add_to_server
     from cadence.grpc import ServiceServer
 
-    store = open_store(settings.store, retain=settings.retain, max_bytes=settings.max_bytes)
+    store = open_store(settings.store, settings.retain, settings.max_bytes, settings.memory_bytes, settings.spill_dir)
     servicer = BrokerServicer(store, max_streams=MAX_STREAMS)
     port = settings.grpc_port or default_port("broker")
     server = ServiceServer("broker", settings.host, port, max_workers=MAX_WORKERS)

@@ -76,7 +76,8 @@ class BrokerServicer(broker_pb2_grpc.BrokerServicer):
             return existing
         with self.store.reserve(manifest.total_bytes):
             delta = weights_delta.is_delta(manifest)
-            assembler = Assembler(weights_delta.transport(manifest) if delta else manifest)
+            carrier = weights_delta.transport(manifest) if delta else manifest
+            assembler = Assembler(carrier, buffer=self.store.receive_buffer(carrier.total_bytes))
             for chunk in request_iterator:
                 if not isinstance(chunk, DataChunk):
                     raise InvalidRequest("only data chunks may follow the manifest in a Publish stream")

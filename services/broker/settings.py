@@ -16,6 +16,11 @@ class BrokerSettings(ServiceSettings):
     """Versions kept (`CADENCE_RETAIN`)."""
     max_bytes: int = 16 << 30
     """Most payload bytes held, publishes in flight included (`CADENCE_MAX_BYTES`); ≥ (retain + 1) × version size."""
+    memory_bytes: int = 0
+    """With `store: memory`, most payload bytes held in memory (`CADENCE_MEMORY_BYTES`); a version that would
+    pass it lives in a file under `spill_dir`. 0: no ceiling (everything in memory, up to `max_bytes`)."""
+    spill_dir: str = "/tmp/cadence-broker-spill"
+    """Where versions past `memory_bytes` live (`CADENCE_SPILL_DIR`; a volume, emptied at start)."""
 
     @field_validator("max_bytes")
     @classmethod

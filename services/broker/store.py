@@ -38,7 +38,7 @@ from cadence.errors import (
 )
 from cadence.logging import get_logger
 from cadence.v1.common_pb2 import VersionInfo, WeightManifest
-from cadence.weights import validate_manifest, version_info
+from cadence.weights import Buffer, allocate, validate_manifest, version_info
 
 log = get_logger(__name__)
 
@@ -365,6 +365,10 @@ class WeightStore(ABC):
     @abstractmethod
     def _discard(self, slot: Slot) -> None:
         """Free an evicted version nobody reads any more."""
+
+    def receive_buffer(self, nbytes: int) -> Buffer:
+        """Where a publish of `nbytes` is assembled (then handed to `put`): memory, unless a store says else."""
+        return allocate(nbytes)
 
 
 class MemoryStore(WeightStore):

@@ -1,7 +1,8 @@
 """The trainer's side of the broker: publish a version, never twice, and keep it there through broker faults.
 
 - A version the broker already holds (a replay after a trainer restart) is not published again.
-- An unreachable broker is waited out (`BROKER_PATIENCE_SECONDS`), so a restarting broker never kills a run.
+- An unreachable or full broker (`Overloaded`: its byte budget is held by fetches of evicted versions) is
+  waited out (`BROKER_PATIENCE_SECONDS`), so a restarting or busy broker never kills a run.
 - A broker that restarted empty gets the newest version again (`republish_if_lost`).
 """
 
@@ -11,7 +12,7 @@ import threading
 from collections.abc import Callable
 from typing import Any, TypeVar
 
-from cadence.errors import NotReady
+from cadence.errors import NotReady, Overloaded
 from cadence.logging import get_logger
 from cadence.retry import Backoff, Retry, retry
 
@@ -48,14 +49,15 @@ class Publisher:
         self.patiently(lambda: self.transport.publish(state, version), f"publish version {version} again")
 
     def patiently(self, call: Callable[[], T], what: str) -> T:
-        """A broker call that outlives a broker restart: `NotReady` (after the client's own retries) is
-        retried with backoff for up to `BROKER_PATIENCE_SECONDS`, unless a stop is requested meanwhile."""
+        """A broker call that outlives a broker restart or a full broker: `NotReady` and `Overloaded` (after the
+        client's own retries) are retried with backoff for up to `BROKER_PATIENCE_SECONDS`, unless a stop is
+        requested meanwhile."""
 
         def warn(error: BaseException, delay: float) -> None:
             log.warning("broker unavailable (%s) during: %s; retrying in %.0fs", error, what, delay)
 
         loop = Retry(BROKER_BACKOFF, patience=BROKER_PATIENCE_SECONDS)
-        return retry(call, loop, retry_on=NotReady, on_retry=warn, give_up=self.stop_requested.is_set)
+        return retry(call, loop, retry_on=(NotReady, Overloaded), on_retry=warn, give_up=self.stop_requested.is_set)
 
     def _latest_version(self) -> int | None:
         latest = self.patiently(self.transport.latest, "read the broker's latest version")
