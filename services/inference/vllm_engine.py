@@ -146,6 +146,10 @@ class VllmEngine(Engine):
             enforce_eager=on_cpu if enforce_eager is None else enforce_eager,
             seed=seed,
             tensor_parallel_size=tensor_parallel_size,
+            # vLLM 0.32 on CPU: a seeded request whose prefill is split across steps crashes the engine
+            # ("CPU Generator does not use offset" when the partial step's sample is discarded), which
+            # seeded evaluations of long MATH-500 prompts hit; whole prefills only there.
+            **(_whole_prefills(Path(self.model_path), max_model_len) if on_cpu else {}),
             worker_extension_cls=f"{__name__}.{WeightLoaderExtension.__qualname__}",
             disable_log_stats=True,
         )
@@ -235,6 +239,13 @@ class VllmEngine(Engine):
             with contextlib.suppress(asyncio.CancelledError):
                 await handler
         self._llm.shutdown()
+
+
+def _whole_prefills(model_dir: Path, max_model_len: int | None) -> dict[str, Any]:
+    """Engine arguments that schedule every prompt's prefill in one step (no chunked prefill)."""
+    config = json.loads((model_dir / "config.json").read_text())
+    longest = max_model_len or int(config.get("max_position_embeddings", 2048))
+    return {"enable_chunked_prefill": False, "max_num_batched_tokens": max(longest, 2048)}
 
 
 def _vllm_params(params: SamplingParams, n: int) -> Any:
