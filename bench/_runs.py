@@ -54,7 +54,11 @@ def cadence_run(name: str, config: str, overrides: list[str], timeout: float = 3
     folders = sorted(RUNS.glob(f"{run_id}-*/"))  # the launcher stamps the id: <run_id>-<date>-<time>
     if code != 0 or not folders or not (folders[-1] / "metrics.jsonl").is_file():
         raise RuntimeError(f"run {name} failed (exit {code}); see {log}")
-    folder = folders[-1]
+    return load_run(name, folders[-1], seconds)
+
+
+def load_run(name: str, folder: Path, seconds: float = float("nan")) -> Run:
+    """A finished run read back from its folder."""
     metrics = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines() if line]
     return Run(name, folder, metrics, _json(folder / "eval_before.json"), _json(folder / "eval_after.json"), seconds)
 

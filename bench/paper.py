@@ -227,7 +227,7 @@ def sweep(args: argparse.Namespace) -> str:
     from bench.sweep import LRS, REGIMES, Grid, run_sweep
 
     regimes = [r for r in REGIMES if args.regimes is None or r[0] in args.regimes]
-    grid = Grid(regimes=regimes, lrs=tuple(args.lrs or LRS), parallel=args.parallel)
+    grid = Grid(regimes=regimes, lrs=tuple(args.lrs or LRS), parallel=args.parallel, curves=args.curves)
     grid.steps, grid.seeds = args.steps or grid.steps, args.seeds or grid.seeds
     return run_sweep(grid)
 
@@ -241,6 +241,7 @@ def main() -> None:
     parser.add_argument("--lrs", type=float, nargs="+", default=None, help="--sweep: learning rates")
     parser.add_argument("--regimes", nargs="+", default=None, help="--sweep: regime labels (default: all)")
     parser.add_argument("--parallel", type=int, default=1, help="--sweep: runs at once")
+    parser.add_argument("--curves", choices=["heldout", "train"], default="heldout", help="--sweep: curve source")
     args = parser.parse_args()
     if args.sweep:
         print(sweep(args))
