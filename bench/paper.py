@@ -181,15 +181,24 @@ def _tail(run: Run, key: str) -> float:
 
 
 def ordering(runs: dict[str, list[Run]]) -> tuple[dict[str, float], list[str]]:
-    """Mean final accuracies of the main regimes, and where the paper's ordering did not hold."""
-    acc = {label: mean_sem([r.after["accuracy"] for r in group])[0] for label, group in runs.items()}
+    """Mean final accuracies of the main regimes, and where the paper's ordering did not hold (each note with
+    the two regimes' standard errors over seeds, so a gap within the spread reads as such)."""
+    spread = {label: mean_sem([r.after["accuracy"] for r in group]) for label, group in runs.items()}
+    acc = {label: mean for label, (mean, _) in spread.items()}
     online = acc.get("online DPO")
     notes = []
+
+    def pm(label: str) -> str:
+        return f"{100 * spread[label][0]:.1f} ± {100 * spread[label][1]:.1f}"
+
     for label in ("semi-online DPO (s = 4)", "semi-online DPO (s = 16)", "online DPO", "GRPO"):
         if label in acc and "offline DPO" in acc and acc["offline DPO"] >= acc[label]:
-            notes.append(f"offline DPO is not below {label}")
+            notes.append(f"offline DPO ({pm('offline DPO')}) is not below {label} ({pm(label)})")
         if label in acc and online is not None and abs(acc[label] - online) > 0.05:
-            notes.append(f"{label} is {100 * (acc[label] - online):+.1f} points from online DPO (more than 5)")
+            notes.append(
+                f"{label} ({pm(label)}) is {100 * (acc[label] - online):+.1f} points from online DPO "
+                f"({pm('online DPO')}; more than 5)"
+            )
     return acc, notes
 
 
