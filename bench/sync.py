@@ -18,8 +18,8 @@ as the trainer publishes them on GPU (bf16, `cadence.weights.pack`), and
 s = 1 figures are the mean over the ten consecutive pairs (Adam's first step moves every weight by the full
 lr, later ones by less); the candidates are compared on the last pair. MB = 10^6 bytes.
 
-Run: `.venv/bin/python -m bench.sync [--quick]` (not run in CI; on the shared 2-core sandbox the full run took
-about 45 minutes, `--quick` about 12, most of it the optimizer steps).
+Run: `.venv/bin/python -m bench.sync [--quick]` (not run in CI). On the 2-core sandbox shared with other jobs
+(load 15-40) `--quick` took 20 minutes and the full run did not finish in 50; the optimizer steps dominate.
 """
 
 from __future__ import annotations
@@ -252,6 +252,7 @@ def main() -> None:
         rows: list[dict[str, Any]] = []
         for lr in (1e-6, 5e-4):
             rows += lr_rows(lr, args.steps, "bf16", target)
+            record("sync", rows)  # what is measured so far survives an interrupted run
         rows += lr_rows(1e-6, 1, "fp32")
     finally:
         proc.terminate()
