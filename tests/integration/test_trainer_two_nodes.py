@@ -67,7 +67,8 @@ def start_nodes(tmp: Path, folders: tuple[Path, Path], tag: str, redis_url: str,
     ]
 
 
-@pytest.mark.slow  # two ZeRO-2 launches started twice: ~2-4 min on 2 loaded cores
+@pytest.mark.slow  # two ZeRO-2 launches started twice: ~2-4 min on 2 cores, 6-7 min heavily loaded
+@pytest.mark.timeout(1200)
 @pytest.mark.parametrize("storage", ["shared", "per-node"])
 def test_a_killed_two_node_trainer_resumes_or_fails_loudly(
     storage: str,
