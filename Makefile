@@ -48,7 +48,7 @@ test-slow: setup  ## Long campaigns (fault injection, fuzzing, smollm2).
 	$(BIN)/pytest -q -m slow $(PYTEST_ARGS)
 
 proto: $(VENV)/.installed  ## Regenerate the gRPC stubs in shared/v1 from protos/.
-	$(BIN)/python -m cadence.protogen
+	$(BIN)/python -m cadence.app.protogen
 
 lint: $(VENV)/.installed  ## ruff check + format check.
 	$(BIN)/ruff check .
