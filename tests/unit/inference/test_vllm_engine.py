@@ -130,9 +130,9 @@ def test_unknown_or_misshapen_weights_are_refused_before_touching_the_model(engi
 
 
 def test_seeded_batches_beyond_one_step_s_token_budget_generate(engine: VllmEngine) -> None:
-    """800 seeded sequences of ~15 prompt tokens outgrow one step's 2048-token budget. With chunked prefill,
-    vLLM 0.32 on CPU split a prefill across steps and its engine died ("CPU Generator does not use offset")."""
-    prompts = [f"What is {i % 100}+{i // 100}?" for i in range(200)]
+    """800 seeded sequences of ~45 prompt tokens outgrow one step's token budget. With chunked prefill, vLLM
+    0.32 on CPU split a prefill across steps and its engine died ("CPU Generator does not use offset")."""
+    prompts = [f"What is {i % 100}+{i // 100}? " * 3 for i in range(200)]
     generation = engine.generate(prompts, SamplingParams(n=4, temperature=1.0, max_tokens=2, seed=7))
     assert len(generation.completions) == 200
     assert all(len(c.samples) == 4 for c in generation.completions)
