@@ -22,7 +22,6 @@ Run: `.venv/bin/python -m bench.reward [--quick]` (≈ 2–4 min; not run in CI)
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import statistics
@@ -41,12 +40,16 @@ from _common import print_table, record, row
 from cadence.net import free_port
 from cadence.reward.verifier import check, extract_answer, wrap_reference
 
-MATH500 = Path(os.environ.get("CADENCE_MATH500", "/work/shared/data/math500.jsonl"))
 BATCH = 64
 
 
 def math_items(count: int) -> list[dict[str, str]]:
-    rows = [json.loads(line) for line in MATH500.read_text().splitlines() if line.strip()]
+    """MATH-500's gold solutions, boxed answers, wrong answers and junk (from the data folder or its hub id)."""
+    from cadence.tasks.benchmarks import BENCHMARKS, benchmark_file
+    from cadence.tasks.sources import read_records
+
+    path = benchmark_file("math500")
+    rows = read_records(path if path else BENCHMARKS["math500"].hub_id, split=BENCHMARKS["math500"].hub_split)
     items = []
     for index, r in enumerate(rows):
         other = rows[(index + len(rows) // 2) % len(rows)]["answer"]
