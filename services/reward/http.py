@@ -49,8 +49,11 @@ class SlimeReply(BaseModel):
     reason: str
 
 
-NON_BLANK = r"\S"
-"""A gold answer must hold more than whitespace (the scorer strips it)."""
+NON_BLANK = r"[^\t\n\v\f\r \x1c-\x1f\x85\xa0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000\ufeff]"
+"""A gold answer must hold more than whitespace (the scorer strips it). Spelled out instead of `\\S`: the
+schema's regex dialect (ECMAScript) and the server's (pydantic's Rust regex) and `str.strip` disagree on what
+whitespace is (U+0085 is whitespace to Python and Rust, not to ECMAScript, so a client generated from the
+schema sent a label the server refused); this class is the union of the three."""
 MATH_NEEDS_A_LABEL = {"if": {"required": ["task"], "properties": {"task": {"const": "math"}}}}
 
 
