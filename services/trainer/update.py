@@ -18,7 +18,7 @@ import torch.distributed as dist
 from cadence.config import DPOConfig, GRPOConfig
 from cadence.trainer.batching import Pair, build_pairs, grpo_advantages
 from cadence.trainer.engine import TrainEngine
-from cadence.trainer.objectives import DPOPart, GRPOPart, MicroResult, PairItem, RolloutItem, EntropyBonus, plan
+from cadence.trainer.objectives import DPOPart, EntropyBonus, GRPOPart, MicroResult, PairItem, RolloutItem, plan
 
 
 @dataclass
