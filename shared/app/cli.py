@@ -133,7 +133,9 @@ def serve_trainer(
     host: Host = None,
     grpc_port: GrpcPort = None,
     broker_addr: Annotated[str | None, typer.Option(help="Broker host:port [CADENCE_BROKER_ADDR].")] = None,
-    run_dir: Annotated[Path | None, typer.Option(help="Run folder [env CADENCE_RUN_DIR].")] = None,
+    run_dir: Annotated[
+        Path | None, typer.Option(help="Root of run folders: a run works in ROOT/RUN_ID [env CADENCE_RUN_DIR].")
+    ] = None,
     redis_url: RedisUrl = None,
 ) -> None:
     """Trainer: feeds prompts under the cadence rule, steps DPO/GRPO, publishes weights every s steps."""
