@@ -7,6 +7,7 @@ verified payload, so a publisher that disconnects midway leaves nothing visible.
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Iterator
 
@@ -15,6 +16,7 @@ from google.protobuf.message import Message
 from prometheus_client import Counter, Gauge, Histogram
 
 from cadence import weights_delta
+from cadence.broker.relay import RelayTable
 from cadence.broker.store import Payload, Reader, WeightStore, check_run_id
 from cadence.errors import IntegrityError, InvalidRequest, NotFound, Overloaded
 from cadence.logging import get_logger
@@ -37,6 +39,8 @@ FETCH_SECONDS = Histogram("cadence_broker_fetch_seconds", "Fetch duration (compl
 PUBLISH_FAILURES = Counter("cadence_broker_publish_failures", "Publishes refused or abandoned", ["reason"])
 FETCH_RESUMES = Counter("cadence_broker_fetch_resumes", "Fetches that resumed from a non-zero offset")
 DELTA_FETCHES = Counter("cadence_broker_delta_fetches", "Fetches served as a delta against the fetcher's version")
+ROUTES = Counter("cadence_broker_routes", "Fetch routes handed out, by upstream", ["upstream"])
+RELAYS = Gauge("cadence_broker_relays", "Replicas registered as relays of a held version")
 
 
 Frame = common_pb2.WeightManifest | DataChunk | None  # what `cadence.weights_wire.decode` yields
@@ -49,6 +53,10 @@ class BrokerServicer(broker_pb2_grpc.BrokerServicer):
         self.store = store
         self.max_streams = max_streams
         self.poll_seconds = poll_seconds
+        self.relays = RelayTable()
+        self._bytes_out = 0  # what BYTES_OUT counts, for Status (a metric's value is not for reading back)
+        self._bytes_out_lock = threading.Lock()
+        RELAYS.set_function(self.relays.count)
         VERSIONS.set_function(lambda: len(self.store.versions()))
         STORED_BYTES.set_function(lambda: self.store.stats().stored_bytes)
         STAGING_BYTES.set_function(lambda: self.store.stats().staging_bytes)
@@ -121,24 +129,40 @@ class BrokerServicer(broker_pb2_grpc.BrokerServicer):
                 range(request.offset, carrier.total_bytes, carrier.chunk_size), frames, strict=True
             ):
                 yield frame
-                BYTES_OUT.inc(min(carrier.chunk_size, carrier.total_bytes - start))
+                self._sent(min(carrier.chunk_size, carrier.total_bytes - start))
             FETCH_SECONDS.observe(time.monotonic() - started)
         finally:
             reader.close()
+
+    def _sent(self, nbytes: int) -> None:
+        BYTES_OUT.inc(nbytes)
+        with self._bytes_out_lock:
+            self._bytes_out += nbytes
 
     def _what_to_send(
         self, reader: Reader, request: broker_pb2.FetchRequest
     ) -> tuple[common_pb2.WeightManifest, Payload]:
         """The manifest to send and the bytes it describes: the stored delta when the fetcher holds its base,
         else the full version (rebuilt if it is stored as a delta)."""
-        manifest = reader.manifest
-        if weights_delta.is_delta(manifest) and request.HasField("base_version"):
-            base = (request.base_version, request.base_sha256)
-            if base == (manifest.delta.base_version, manifest.delta.base_sha256):
-                DELTA_FETCHES.inc()
-                return manifest, reader.payload
+        if _sends_delta(reader.manifest, request):
+            DELTA_FETCHES.inc()
+            return reader.manifest, reader.payload
         full = self.store.full(reader)
         return full.manifest, full.payload
+
+    def Route(self, request: broker_pb2.RouteRequest, context: grpc.ServicerContext) -> broker_pb2.FetchRoute:
+        """The manifest a Fetch would send and the relay to take it from (`cadence.broker.relay`)."""
+        fetch = request.fetch
+        run_id = check_run_id(fetch.run_id)
+        with self.store.open(run_id, fetch.version) as reader:
+            delta = _sends_delta(reader.manifest, fetch)
+            manifest = reader.manifest
+            if weights_delta.is_delta(manifest) and not delta:
+                manifest = weights_delta.full(manifest)  # served rebuilt, as Fetch does
+        self.relays.prune(run_id, {info.version for info in self.store.versions(run_id)})
+        upstream = self.relays.route((run_id, fetch.version, delta), request.relay_addr, request.failed)
+        ROUTES.labels(upstream="relay" if upstream else "broker").inc()
+        return broker_pb2.FetchRoute(manifest=manifest, upstream=upstream)
 
     def Status(self, request: broker_pb2.BrokerStatusRequest, context: grpc.ServicerContext) -> broker_pb2.BrokerStatus:
         stats = self.store.stats()
@@ -148,6 +172,8 @@ class BrokerServicer(broker_pb2_grpc.BrokerServicer):
             active_fetches=stats.active_reads,
             watchers=stats.watchers,
             retain=stats.retain,
+            bytes_out=self._bytes_out,
+            relays=self.relays.count(),
         )
 
     def _admit_stream(self, method: str) -> None:
@@ -186,8 +212,18 @@ def add_to_server(servicer: BrokerServicer, server: grpc.Server) -> None:
             request_deserializer=broker_pb2.BrokerStatusRequest.FromString,
             response_serializer=_serialize,
         ),
+        "Route": grpc.unary_unary_rpc_method_handler(
+            servicer.Route, request_deserializer=broker_pb2.RouteRequest.FromString, response_serializer=_serialize
+        ),
     }
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler("cadence.v1.Broker", handlers),))
+
+
+def _sends_delta(manifest: common_pb2.WeightManifest, request: broker_pb2.FetchRequest) -> bool:
+    """A version stored as a delta goes as that delta to a fetcher holding exactly its base."""
+    if not (weights_delta.is_delta(manifest) and request.HasField("base_version")):
+        return False
+    return (request.base_version, request.base_sha256) == (manifest.delta.base_version, manifest.delta.base_sha256)
 
 
 def _serialize(message: Message) -> bytes:

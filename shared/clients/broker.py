@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import grpc
 
 from cadence import errors, weights_delta, weights_wire
+from cadence.clients.relay import RELAY_BYTES_IN, Relay
 from cadence.grpc import channel
 from cadence.logging import get_logger
 from cadence.retry import Backoff, Retry, retry
@@ -47,6 +48,9 @@ _ERRORS: dict[grpc.StatusCode, type[errors.CadenceError]] = {
     grpc.StatusCode.UNAVAILABLE: errors.NotReady,
     grpc.StatusCode.DEADLINE_EXCEEDED: errors.NotReady,
 }
+
+
+MAX_FAILED = 16  # relays routed around in one fetch before it takes the rest from the broker alone
 
 
 def _transient(error: BaseException) -> bool:
@@ -102,11 +106,14 @@ class BrokerClient(WeightTransport):
         max_backoff: float = 5.0,
         keyframe_every: int = 10,
         apply_deltas: bool = False,
+        relay: Relay | None = None,
     ) -> None:
         """`keyframe_every`: publish every n-th version in full and the others as deltas against the version
         before (1: always full); the last published payload is kept for that. `apply_deltas`: keep the last
         fetched version and fetch the next as a delta applied onto it in place, so the tensors a fetch
-        yields are views that the next fetch overwrites (copy them to keep them)."""
+        yields are views that the next fetch overwrites (copy them to keep them). `relay`: take each fetch's
+        route from the broker and fetch from other replicas (`cadence.clients.relay`); with a relay server,
+        serve what this client fetches to them too."""
         self.target = target
         self.run_id = run_id
         self.timeout = timeout
@@ -115,6 +122,7 @@ class BrokerClient(WeightTransport):
         self.backoff = Backoff(backoff, cap=max_backoff, jitter=True)
         self.keyframe_every = max(1, keyframe_every)
         self.apply_deltas = apply_deltas
+        self.relay = relay
         self._sent: Packed | None = None  # the last version published, and how many deltas followed a keyframe
         self._deltas_sent = 0
         self._held: Packed | None = None  # the last version fetched (with `apply_deltas`), verified
@@ -193,33 +201,43 @@ class BrokerClient(WeightTransport):
             time.sleep(self.backoff.delay(failures))
 
     def fetch_tensors(self, version: int) -> Iterator[tuple[str, torch.Tensor]]:
-        state = _Fetch(version)
+        state, failed = _Fetch(version), []
         loop = Retry(self.backoff, attempts=self.retries)
+        if self.relay is not None:
+            self.relay.retire()  # the buffers it serves may be written from here on
         while True:
             offset = state.assembler.received if state.assembler is not None else 0
             request = broker_pb2.FetchRequest(run_id=self.run_id, version=version, offset=offset)
             if self._held is not None and self._held.manifest.version < version:
                 request.base_version, request.base_sha256 = self._held.manifest.version, self._held.manifest.sha256
-            call = self._fetch(request, timeout=self.stream_timeout)
+            upstream = self._route(state, request, failed)
+            fetch = self.relay.fetcher(upstream) if upstream and self.relay else self._fetch
+            call = fetch(request, timeout=self.stream_timeout)
             try:
                 for message in call:
                     loop.succeeded()
-                    yield from self._receive(state, message)
+                    yield from self._receive(state, message, relayed=bool(upstream))
                 if state.payload is not None:
                     if self.apply_deltas:
                         self._held = Packed(state.manifest, state.payload)
                     return
                 failure = "the stream ended early"
             except grpc.RpcError as error:
-                if error.code() not in _RETRYABLE:
+                if not upstream and error.code() not in _RETRYABLE:
                     raise self._error("Fetch", error) from None
                 failure = f"{error.code().name}: {error.details()}"
-            except _DamagedChunk as error:
+            except _BadRebuild as error:  # not a relay's fault: the delta matched the broker's digests
+                failure, self._held, state, upstream = str(error), None, _Fetch(version), ""  # fetch in full
+            except errors.IntegrityError as error:
+                if not (upstream or isinstance(error, _DamagedChunk)):
+                    raise
                 failure = str(error)  # refused: fetch again from the last verified chunk
-            except _BadRebuild as error:
-                failure, self._held, state = str(error), None, _Fetch(version)  # fetch the full version
             finally:
                 call.cancel()
+            if upstream and self.relay is not None:  # a relay failed us: route around it at once
+                self.relay.failed(upstream, failure, version)
+                failed.append(upstream)
+                continue
             delay = loop.failed()
             if delay is None:
                 raise errors.NotReady(
@@ -232,11 +250,33 @@ class BrokerClient(WeightTransport):
     def close(self) -> None:
         self._closed = True
         self._channel.close()
+        if self.relay is not None:
+            self.relay.close()
 
     # -- helpers ------------------------------------------------------------------------------------------
 
+    def _route(self, state: _Fetch, request: broker_pb2.FetchRequest, failed: list[str]) -> str:
+        """The relay to fetch from ("": the broker), as the broker routes it; its manifest starts the assembly."""
+        if self.relay is None or len(failed) >= MAX_FAILED:
+            return ""
+        ask = broker_pb2.RouteRequest(fetch=request, relay_addr=self.relay.address, failed=failed)
+        try:
+            route = retry(
+                lambda: self._stub.Route(ask, timeout=self.timeout),
+                Retry(self.backoff, attempts=self.retries),
+                retry_on=_transient,
+            )
+        except grpc.RpcError as error:
+            if error.code() != grpc.StatusCode.UNIMPLEMENTED:
+                raise self._error("Route", error) from None
+            log.warning("broker %s does not route fetches; fetching from it alone", self.target)
+            self.relay = None
+            return ""
+        self._check_manifest(state, route.manifest)
+        return route.upstream
+
     def _receive(
-        self, state: _Fetch, message: common_pb2.WeightManifest | weights_wire.DataChunk | None
+        self, state: _Fetch, message: common_pb2.WeightManifest | weights_wire.DataChunk | None, relayed: bool
     ) -> Iterator[tuple[str, torch.Tensor]]:
         """Take one message; yield the tensors it completes."""
         if isinstance(message, common_pb2.WeightManifest):
@@ -249,6 +289,10 @@ class BrokerClient(WeightTransport):
             done = state.assembler.finish() if state.assembler.complete else None
         except errors.IntegrityError as error:
             raise _DamagedChunk(str(error)) from error
+        if relayed:
+            RELAY_BYTES_IN.inc(len(message.data))
+        if self.relay is not None:
+            self.relay.progress(state.assembler.verified)
         if not weights_delta.is_delta(state.manifest):
             state.payload = done
             yield from state.ready()
@@ -286,6 +330,8 @@ class BrokerClient(WeightTransport):
             else:
                 state.assembler = Assembler(manifest, buffer=self._reusable(manifest))
             state.manifest = manifest
+            if self.relay is not None:
+                self.relay.hold(manifest, state.assembler.buffer)
         elif manifest != state.manifest:
             raise errors.IntegrityError(f"version {state.version} changed between resumed fetches; fetch it again")
 

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from cadence.v1 import common_pb2 as cadence_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17\x63\x61\x64\x65nce/v1/broker.proto\x12\ncadence.v1\x1a\x17\x63\x61\x64\x65nce/v1/common.proto\"\x1f\n\rLatestRequest\x12\x0e\n\x06run_id\x18\x01 \x01(\t\"5\n\x0cWatchRequest\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x15\n\rafter_version\x18\x02 \x01(\x03\"\x80\x01\n\x0c\x46\x65tchRequest\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x03\x12\x0e\n\x06offset\x18\x03 \x01(\x04\x12\x19\n\x0c\x62\x61se_version\x18\x04 \x01(\x03H\x00\x88\x01\x01\x12\x13\n\x0b\x62\x61se_sha256\x18\x05 \x01(\tB\x0f\n\r_base_version\"\x15\n\x13\x42rokerStatusRequest\"\x89\x01\n\x0c\x42rokerStatus\x12)\n\x08versions\x18\x01 \x03(\x0b\x32\x17.cadence.v1.VersionInfo\x12\x14\n\x0cstored_bytes\x18\x02 \x01(\x04\x12\x16\n\x0e\x61\x63tive_fetches\x18\x03 \x01(\r\x12\x10\n\x08watchers\x18\x04 \x01(\r\x12\x0e\n\x06retain\x18\x05 \x01(\r2\xc6\x02\n\x06\x42roker\x12=\n\x07Publish\x12\x17.cadence.v1.WeightChunk\x1a\x17.cadence.v1.VersionInfo(\x01\x12<\n\x06Latest\x12\x19.cadence.v1.LatestRequest\x1a\x17.cadence.v1.VersionInfo\x12<\n\x05Watch\x12\x18.cadence.v1.WatchRequest\x1a\x17.cadence.v1.VersionInfo0\x01\x12<\n\x05\x46\x65tch\x12\x18.cadence.v1.FetchRequest\x1a\x17.cadence.v1.WeightChunk0\x01\x12\x43\n\x06Status\x12\x1f.cadence.v1.BrokerStatusRequest\x1a\x18.cadence.v1.BrokerStatusb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17\x63\x61\x64\x65nce/v1/broker.proto\x12\ncadence.v1\x1a\x17\x63\x61\x64\x65nce/v1/common.proto\"\x1f\n\rLatestRequest\x12\x0e\n\x06run_id\x18\x01 \x01(\t\"5\n\x0cWatchRequest\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x15\n\rafter_version\x18\x02 \x01(\x03\"\x80\x01\n\x0c\x46\x65tchRequest\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x03\x12\x0e\n\x06offset\x18\x03 \x01(\x04\x12\x19\n\x0c\x62\x61se_version\x18\x04 \x01(\x03H\x00\x88\x01\x01\x12\x13\n\x0b\x62\x61se_sha256\x18\x05 \x01(\tB\x0f\n\r_base_version\"[\n\x0cRouteRequest\x12\'\n\x05\x66\x65tch\x18\x01 \x01(\x0b\x32\x18.cadence.v1.FetchRequest\x12\x12\n\nrelay_addr\x18\x02 \x01(\t\x12\x0e\n\x06\x66\x61iled\x18\x03 \x03(\t\"L\n\nFetchRoute\x12,\n\x08manifest\x18\x01 \x01(\x0b\x32\x1a.cadence.v1.WeightManifest\x12\x10\n\x08upstream\x18\x02 \x01(\t\"\x15\n\x13\x42rokerStatusRequest\"\xac\x01\n\x0c\x42rokerStatus\x12)\n\x08versions\x18\x01 \x03(\x0b\x32\x17.cadence.v1.VersionInfo\x12\x14\n\x0cstored_bytes\x18\x02 \x01(\x04\x12\x16\n\x0e\x61\x63tive_fetches\x18\x03 \x01(\r\x12\x10\n\x08watchers\x18\x04 \x01(\r\x12\x0e\n\x06retain\x18\x05 \x01(\r\x12\x11\n\tbytes_out\x18\x06 \x01(\x04\x12\x0e\n\x06relays\x18\x07 \x01(\r2\x81\x03\n\x06\x42roker\x12=\n\x07Publish\x12\x17.cadence.v1.WeightChunk\x1a\x17.cadence.v1.VersionInfo(\x01\x12<\n\x06Latest\x12\x19.cadence.v1.LatestRequest\x1a\x17.cadence.v1.VersionInfo\x12<\n\x05Watch\x12\x18.cadence.v1.WatchRequest\x1a\x17.cadence.v1.VersionInfo0\x01\x12<\n\x05\x46\x65tch\x12\x18.cadence.v1.FetchRequest\x1a\x17.cadence.v1.WeightChunk0\x01\x12\x43\n\x06Status\x12\x1f.cadence.v1.BrokerStatusRequest\x1a\x18.cadence.v1.BrokerStatus\x12\x39\n\x05Route\x12\x18.cadence.v1.RouteRequest\x1a\x16.cadence.v1.FetchRouteb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -38,10 +38,14 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_WATCHREQUEST']._serialized_end=150
   _globals['_FETCHREQUEST']._serialized_start=153
   _globals['_FETCHREQUEST']._serialized_end=281
-  _globals['_BROKERSTATUSREQUEST']._serialized_start=283
-  _globals['_BROKERSTATUSREQUEST']._serialized_end=304
-  _globals['_BROKERSTATUS']._serialized_start=307
-  _globals['_BROKERSTATUS']._serialized_end=444
-  _globals['_BROKER']._serialized_start=447
-  _globals['_BROKER']._serialized_end=773
+  _globals['_ROUTEREQUEST']._serialized_start=283
+  _globals['_ROUTEREQUEST']._serialized_end=374
+  _globals['_FETCHROUTE']._serialized_start=376
+  _globals['_FETCHROUTE']._serialized_end=452
+  _globals['_BROKERSTATUSREQUEST']._serialized_start=454
+  _globals['_BROKERSTATUSREQUEST']._serialized_end=475
+  _globals['_BROKERSTATUS']._serialized_start=478
+  _globals['_BROKERSTATUS']._serialized_end=650
+  _globals['_BROKER']._serialized_start=653
+  _globals['_BROKER']._serialized_end=1038
 # @@protoc_insertion_point(module_scope)

@@ -100,6 +100,64 @@ class FetchRequest(_message.Message):
 Global___FetchRequest: _TypeAlias = FetchRequest  # noqa: Y015
 
 @_typing.final
+class RouteRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    FETCH_FIELD_NUMBER: _builtins.int
+    RELAY_ADDR_FIELD_NUMBER: _builtins.int
+    FAILED_FIELD_NUMBER: _builtins.int
+    relay_addr: _builtins.str
+    """`host:port` where the asker serves the chunks it has verified; "" if it does not"""
+    @_builtins.property
+    def fetch(self) -> Global___FetchRequest:
+        """the fetch the asker is about to make (version, offset, the base it holds)"""
+
+    @_builtins.property
+    def failed(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """relays that failed the asker for this version: the broker stops routing to them"""
+
+    def __init__(
+        self,
+        *,
+        fetch: Global___FetchRequest | None = ...,
+        relay_addr: _builtins.str = ...,
+        failed: _abc.Iterable[_builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["fetch", b"fetch"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["failed", b"failed", "fetch", b"fetch", "relay_addr", b"relay_addr"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RouteRequest: _TypeAlias = RouteRequest  # noqa: Y015
+
+@_typing.final
+class FetchRoute(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MANIFEST_FIELD_NUMBER: _builtins.int
+    UPSTREAM_FIELD_NUMBER: _builtins.int
+    upstream: _builtins.str
+    """a relay's `host:port` to send the same FetchRequest to; "" for the broker"""
+    @_builtins.property
+    def manifest(self) -> _common_pb2.WeightManifest:
+        """what a Fetch of this version sends the asker: a delta's or the full version's"""
+
+    def __init__(
+        self,
+        *,
+        manifest: _common_pb2.WeightManifest | None = ...,
+        upstream: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["manifest", b"manifest"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["manifest", b"manifest", "upstream", b"upstream"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___FetchRoute: _TypeAlias = FetchRoute  # noqa: Y015
+
+@_typing.final
 class BrokerStatusRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -123,10 +181,16 @@ class BrokerStatus(_message.Message):
     ACTIVE_FETCHES_FIELD_NUMBER: _builtins.int
     WATCHERS_FIELD_NUMBER: _builtins.int
     RETAIN_FIELD_NUMBER: _builtins.int
+    BYTES_OUT_FIELD_NUMBER: _builtins.int
+    RELAYS_FIELD_NUMBER: _builtins.int
     stored_bytes: _builtins.int
     active_fetches: _builtins.int
     watchers: _builtins.int
     retain: _builtins.int
+    bytes_out: _builtins.int
+    """payload bytes sent by Fetch since the broker started (its egress)"""
+    relays: _builtins.int
+    """replicas registered as relays of a held version"""
     @_builtins.property
     def versions(self) -> _containers.RepeatedCompositeFieldContainer[_common_pb2.VersionInfo]: ...
     def __init__(
@@ -137,10 +201,12 @@ class BrokerStatus(_message.Message):
         active_fetches: _builtins.int = ...,
         watchers: _builtins.int = ...,
         retain: _builtins.int = ...,
+        bytes_out: _builtins.int = ...,
+        relays: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["active_fetches", b"active_fetches", "retain", b"retain", "stored_bytes", b"stored_bytes", "versions", b"versions", "watchers", b"watchers"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["active_fetches", b"active_fetches", "bytes_out", b"bytes_out", "relays", b"relays", "retain", b"retain", "stored_bytes", b"stored_bytes", "versions", b"versions", "watchers", b"watchers"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -61,6 +61,11 @@ class BrokerStub:
                 request_serializer=cadence_dot_v1_dot_broker__pb2.BrokerStatusRequest.SerializeToString,
                 response_deserializer=cadence_dot_v1_dot_broker__pb2.BrokerStatus.FromString,
                 _registered_method=True)
+        self.Route = channel.unary_unary(
+                '/cadence.v1.Broker/Route',
+                request_serializer=cadence_dot_v1_dot_broker__pb2.RouteRequest.SerializeToString,
+                response_deserializer=cadence_dot_v1_dot_broker__pb2.FetchRoute.FromString,
+                _registered_method=True)
 
 
 class BrokerServicer:
@@ -102,6 +107,14 @@ class BrokerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Route(self, request, context):
+        """Says where to fetch a version from (relay fan-out): the manifest a Fetch would send, whose digests every
+        chunk is checked against, and a replica relaying it, or none for the broker; the asker becomes a relay.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_BrokerServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -129,6 +142,11 @@ def add_BrokerServicer_to_server(servicer, server):
                     servicer.Status,
                     request_deserializer=cadence_dot_v1_dot_broker__pb2.BrokerStatusRequest.FromString,
                     response_serializer=cadence_dot_v1_dot_broker__pb2.BrokerStatus.SerializeToString,
+            ),
+            'Route': grpc.unary_unary_rpc_method_handler(
+                    servicer.Route,
+                    request_deserializer=cadence_dot_v1_dot_broker__pb2.RouteRequest.FromString,
+                    response_serializer=cadence_dot_v1_dot_broker__pb2.FetchRoute.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -267,6 +285,33 @@ class Broker:
             '/cadence.v1.Broker/Status',
             cadence_dot_v1_dot_broker__pb2.BrokerStatusRequest.SerializeToString,
             cadence_dot_v1_dot_broker__pb2.BrokerStatus.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Route(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/cadence.v1.Broker/Route',
+            cadence_dot_v1_dot_broker__pb2.RouteRequest.SerializeToString,
+            cadence_dot_v1_dot_broker__pb2.FetchRoute.FromString,
             options,
             channel_credentials,
             insecure,

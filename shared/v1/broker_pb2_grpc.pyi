@@ -44,6 +44,10 @@ class BrokerStub:
     """Streams a version's manifest, then its data from `offset` on (resumable)."""
     Status: _grpc.UnaryUnaryMultiCallable[_broker_pb2.BrokerStatusRequest, _broker_pb2.BrokerStatus]
     """Reports the versions held and the store's size."""
+    Route: _grpc.UnaryUnaryMultiCallable[_broker_pb2.RouteRequest, _broker_pb2.FetchRoute]
+    """Says where to fetch a version from (relay fan-out): the manifest a Fetch would send, whose digests every
+    chunk is checked against, and a replica relaying it, or none for the broker; the asker becomes a relay.
+    """
 
 @_typing.type_check_only
 class BrokerAsyncStub(BrokerStub):
@@ -60,6 +64,10 @@ class BrokerAsyncStub(BrokerStub):
     """Streams a version's manifest, then its data from `offset` on (resumable)."""
     Status: _aio.UnaryUnaryMultiCallable[_broker_pb2.BrokerStatusRequest, _broker_pb2.BrokerStatus]  # type: ignore[assignment]
     """Reports the versions held and the store's size."""
+    Route: _aio.UnaryUnaryMultiCallable[_broker_pb2.RouteRequest, _broker_pb2.FetchRoute]  # type: ignore[assignment]
+    """Says where to fetch a version from (relay fan-out): the manifest a Fetch would send, whose digests every
+    chunk is checked against, and a replica relaying it, or none for the broker; the asker becomes a relay.
+    """
 
 class BrokerServicer(metaclass=_abc_1.ABCMeta):
     """Versioned weight store between the trainer and the inference fleet."""
@@ -103,5 +111,15 @@ class BrokerServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_broker_pb2.BrokerStatus, _abc.Awaitable[_broker_pb2.BrokerStatus]]:
         """Reports the versions held and the store's size."""
+
+    @_abc_1.abstractmethod
+    def Route(
+        self,
+        request: _broker_pb2.RouteRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_broker_pb2.FetchRoute, _abc.Awaitable[_broker_pb2.FetchRoute]]:
+        """Says where to fetch a version from (relay fan-out): the manifest a Fetch would send, whose digests every
+        chunk is checked against, and a replica relaying it, or none for the broker; the asker becomes a relay.
+        """
 
 def add_BrokerServicer_to_server(servicer: BrokerServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
