@@ -47,12 +47,13 @@ def test_torchrun_lets_workers_checkpoint_within_the_pod_grace(rendered: dict[st
     trainer = find(rendered["gpu-multi-node-trainer"], "StatefulSet", "rel-cadence-trainer")
     grace = trainer["spec"]["template"]["spec"]["terminationGracePeriodSeconds"]
     variables = env(container(trainer, "trainer"))
-    saved = os.environ.get("TORCH_ELASTIC_SHUTDOWN_TIMEOUT")
-    os.environ["TORCH_ELASTIC_SHUTDOWN_TIMEOUT"] = variables["TORCH_ELASTIC_SHUTDOWN_TIMEOUT"]
+    saved = os.environ.pop("TORCH_ELASTIC_SHUTDOWN_TIMEOUT", None)
+    if "TORCH_ELASTIC_SHUTDOWN_TIMEOUT" in variables:  # absent: torchrun's own default
+        os.environ["TORCH_ELASTIC_SHUTDOWN_TIMEOUT"] = variables["TORCH_ELASTIC_SHUTDOWN_TIMEOUT"]
     try:
         launch = LaunchConfig(min_nodes=2, max_nodes=2, nproc_per_node=8)  # what torchrun builds from that env
     finally:
-        os.environ.pop("TORCH_ELASTIC_SHUTDOWN_TIMEOUT")
+        os.environ.pop("TORCH_ELASTIC_SHUTDOWN_TIMEOUT", None)
         if saved is not None:
             os.environ["TORCH_ELASTIC_SHUTDOWN_TIMEOUT"] = saved
     assert grace - 30 <= launch.shutdown_timeout < grace, (launch.shutdown_timeout, grace)

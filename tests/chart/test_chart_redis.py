@@ -20,9 +20,7 @@ from .test_chart import container, find
 def test_the_bundled_redis_refuses_writes_when_full_instead_of_evicting(render_values, tmp_path: Path) -> None:
     docs = render_values({"redis": {"maxmemory": "3mb"}})
     args = container(find(docs, "StatefulSet", "rel-cadence-redis"), "redis")["args"]
-    assert args[args.index("--maxmemory") + 1] == "3mb"
-    assert args[args.index("--maxmemory-policy") + 1] == "noeviction"
-    port = free_port()
+    port = free_port()  # the rendered arguments as they are, but for the port and the data folder
     args[args.index("--port") + 1], args[args.index("--dir") + 1] = str(port), str(tmp_path)
     server = subprocess.Popen(["redis-server", *args], stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
     try:
@@ -44,6 +42,8 @@ def test_the_bundled_redis_refuses_writes_when_full_instead_of_evicting(render_v
     finally:
         server.kill()
         server.wait()
+    assert args[args.index("--maxmemory") + 1] == "3mb"
+    assert args[args.index("--maxmemory-policy") + 1] == "noeviction"
 
 
 def test_the_prometheus_rule_alerts_on_what_the_trainer_exports(render_values) -> None:

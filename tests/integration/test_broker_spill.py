@@ -61,7 +61,8 @@ def test_versions_larger_than_the_memory_ceiling_are_kept_on_the_volume_and_serv
 def test_the_trainer_waits_out_a_full_broker_instead_of_crashing(tmp_path: Path) -> None:
     """retain 1, a budget of 2.5 versions: a fetch still reading version 1 after its eviction holds its bytes,
     so version 3 does not fit (`Overloaded`) until that fetch ends; the trainer's publisher waits, then
-    publishes."""
+    publishes. Its client retries nothing, so the wait is the publisher's (the client's own 5 retries span
+    ~6 s: they alone would outlast this 2 s fetch, but not a long one)."""
     settings = BrokerSettings(host="127.0.0.1", grpc_port=free_port(), store="memory", retain=1, max_bytes=10 * MIB)
     server, servicer = build(settings)
     target = f"127.0.0.1:{server.start()}"
@@ -74,7 +75,8 @@ def test_the_trainer_waits_out_a_full_broker_instead_of_crashing(tmp_path: Path)
                 client.publish(state(3), 3)
             threading.Timer(2.0, reader.close).start()
             started = time.monotonic()
-            Publisher(client, threading.Event()).publish(state(3), 3)
+            with BrokerClient(target, "full", keyframe_every=1, retries=0) as impatient:  # the wait is the publisher's
+                Publisher(impatient, threading.Event()).publish(state(3), 3)
             assert time.monotonic() - started >= 1.5
             assert client.latest().version == 3
     finally:

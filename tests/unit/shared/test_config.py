@@ -126,3 +126,10 @@ def test_beta_and_eps_default_by_task_kind(kinds: list[str], beta: float, eps: f
 def test_deepspeed_batch_settings_are_refused_for_micro_batch_tokens() -> None:
     with pytest.raises(ConfigError, match="micro_batch_tokens"):
         parse_run_config({"deepspeed": {"extra": {"gradient_accumulation_steps": 4}}})
+
+
+@pytest.mark.parametrize(("steps", "every"), [(40, 2), (800, 40), (2000, 50), (10, 1)])
+def test_checkpoints_default_to_a_twentieth_of_the_run_at_most_every_50_steps(steps: int, every: int) -> None:
+    """A trainer killed without warning (a lost node) resumes near where it stopped, not at step 0."""
+    assert parse_run_config({"steps": steps}).checkpoint_every == every
+    assert parse_run_config({"steps": steps, "checkpoint_every": 0}).checkpoint_every == 0  # only at stop and end
