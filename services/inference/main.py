@@ -18,6 +18,7 @@ from cadence.logging import get_logger
 from cadence.settings import default_port
 
 if TYPE_CHECKING:
+    from cadence.clients.relay import Relay
     from cadence.grpc import ServiceServer
     from cadence.inference.engine import Engine
     from cadence.inference.worker import RolloutWorker
@@ -44,13 +45,15 @@ def serve(settings: InferenceSettings) -> None:
     worker_id = settings.worker_id or default_worker_id()
     server = ServiceServer("inference", settings.host, settings.grpc_port or default_port("inference"))
     runner: _WorkerThread | None = None
+    relay: Relay | None = None
     try:
         worker: RolloutWorker | _RunFollower | None = None
         if settings.worker:
+            relay = _start_relay(settings)
             worker = (
-                _build_worker(settings, engine, worker_id, settings.run_id)
+                _build_worker(settings, engine, worker_id, settings.run_id, relay)
                 if settings.run_id
-                else _RunFollower(settings, engine, worker_id, model_dir)
+                else _RunFollower(settings, engine, worker_id, model_dir, relay)
             )
         servicer = InferenceServicer(
             engine, settings.model, worker_id=worker_id, pending=worker.pending_prompts if worker else None
@@ -64,12 +67,25 @@ def serve(settings: InferenceSettings) -> None:
             on_term=(lambda: runner.stop(settings.grace_seconds)) if runner else None, grace=settings.grace_seconds
         )
     finally:
+        if relay is not None and relay.server is not None:
+            relay.server.stop(0)
         engine.close()
     if runner is not None and runner.crashed:
         raise SystemExit(1)
 
 
-def _build_worker(settings: InferenceSettings, engine: Engine, worker_id: str, run_id: str) -> RolloutWorker:
+def _start_relay(settings: InferenceSettings) -> Relay | None:
+    """The relay fan-out server (`CADENCE_RELAY_PORT`), shared by the runs this process serves; None when off."""
+    if not settings.relay_port:
+        return None
+    from cadence.clients.relay import start_relay
+
+    return start_relay(settings.host, settings.relay_port, settings.relay_addr)
+
+
+def _build_worker(
+    settings: InferenceSettings, engine: Engine, worker_id: str, run_id: str, relay: Relay | None
+) -> RolloutWorker:
     from cadence.clients.broker import BrokerClient
     from cadence.inference.worker import RolloutWorker
     from cadence.streams import connect
@@ -78,7 +94,7 @@ def _build_worker(settings: InferenceSettings, engine: Engine, worker_id: str, r
         engine,
         connect(settings.redis_url),
         run_id,
-        BrokerClient(settings.broker_addr, run_id, apply_deltas=True),  # the engine copies what it loads
+        BrokerClient(settings.broker_addr, run_id, apply_deltas=True, relay=relay),  # the engine copies what it loads
         worker_id=worker_id,
         batch_prompts=settings.batch_prompts,
         reclaim_idle_ms=settings.reclaim_idle_ms,
@@ -88,8 +104,11 @@ def _build_worker(settings: InferenceSettings, engine: Engine, worker_id: str, r
 class _RunFollower:
     """Without CADENCE_RUN_ID: serve whichever run is active (`cadence run --attach`), from its seed weights."""
 
-    def __init__(self, settings: InferenceSettings, engine: Engine, worker_id: str, model_dir: Any) -> None:
+    def __init__(
+        self, settings: InferenceSettings, engine: Engine, worker_id: str, model_dir: Any, relay: Relay | None
+    ) -> None:
         self.settings, self.engine, self.worker_id, self.model_dir = settings, engine, worker_id, model_dir
+        self.relay = relay
         self.current: RolloutWorker | None = None
 
     def pending_prompts(self) -> int:
@@ -109,7 +128,7 @@ class _RunFollower:
     def _serve_run(self, run_id: str, run_stop: threading.Event) -> None:
         if self.engine.version != 0:  # a new run starts from the seed, version 0
             self.engine.load_weights(_seed_tensors(self.model_dir), version=0)
-        self.current = _build_worker(self.settings, self.engine, self.worker_id, run_id)
+        self.current = _build_worker(self.settings, self.engine, self.worker_id, run_id, self.relay)
         try:
             self.current.run(run_stop)
         finally:

@@ -16,6 +16,13 @@ class InferenceSettings(ServiceSettings):
     """Model directory, hub id, or a seed-model name (`CADENCE_MODEL`)."""
     broker_addr: str = "127.0.0.1:50053"
     """Weight broker `host:port` (`CADENCE_BROKER_ADDR`)."""
+    relay_port: int = Field(0, ge=0, le=65535)
+    """Relay fan-out (`CADENCE_RELAY_PORT`): serve the weight chunks this replica has verified to other replicas on
+    this port and fetch from them as the broker routes it, so the broker sends about one copy per version
+    whatever the replica count. 0: off (one replica gains nothing); the chart turns it on for several replicas."""
+    relay_addr: str = ""
+    """`host:port` other replicas reach this one's relay at (`CADENCE_RELAY_ADDR`); empty: this host's IP and
+    `relay_port` (a pod's IP in Kubernetes)."""
     tensor_parallel_size: int = Field(1, ge=1)
     """GPUs one vLLM engine shards the model over (`CADENCE_TENSOR_PARALLEL_SIZE`); the hf engine ignores it."""
     worker: bool = True
