@@ -113,6 +113,50 @@ def test_broker_sizing_follows_values_and_refuses_an_unsized_gpu_release(render_
         render_values({"inference": {"gpus": 1}})
 
 
+def test_a_spilling_broker_is_sized_by_its_memory_ceiling_and_keeps_the_rest_on_a_volume(
+    render_values, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """broker.spill: the pod holds one 70B version in memory (not the whole 3-version budget); the rest goes
+    to a volume of the budget + 25%. The broker built from the rendered environment is the spilling store."""
+    from cadence.broker.directory_store import SpillingStore
+    from cadence.broker.factory import open_store
+    from cadence.broker.settings import BrokerSettings
+
+    docs = render_values({"models": {"parametersBillions": 70}, "broker": {"spill": {"enabled": True}}})
+    broker = find(docs, "Deployment", "rel-cadence-broker")
+    variables = env(container(broker, "broker"))
+    budget, resources, claim = _broker(docs)
+    assert claim is None and budget == 3 * 140 * 10**9
+    assert int(variables["CADENCE_MEMORY_BYTES"]) == 140 * 10**9  # one version
+    assert _gib(resources["limits"]["memory"]) == 132  # ceil(140e9 / GiB) + 1, not the budget's 393
+    mounts = {m["name"]: m["mountPath"] for m in container(broker, "broker")["volumeMounts"]}
+    assert mounts["spill"] == variables["CADENCE_SPILL_DIR"]
+    volume = next(v for v in broker["spec"]["template"]["spec"]["volumes"] if v["name"] == "spill")
+    assert volume["emptyDir"]["sizeLimit"] == "489Gi"  # ceil(1.25 × 420e9 / GiB)
+    _validate(broker)
+    for name, value in variables.items():
+        if name.startswith("CADENCE_") and isinstance(value, str):
+            monkeypatch.setenv(name, value)
+    monkeypatch.setenv("CADENCE_SPILL_DIR", str(tmp_path / "spill"))  # the mount, here
+    settings = BrokerSettings()
+    store = open_store(settings.store, settings.retain, settings.max_bytes, settings.memory_bytes, settings.spill_dir)
+    assert isinstance(store, SpillingStore) and (store.memory_bytes, store.max_bytes) == (140 * 10**9, budget)
+
+    values = {"spill": {"enabled": True, "memoryBytes": 8 * GIB, "storageClass": "fast-ssd", "size": "600Gi"}}
+    broker = find(
+        render_values({"models": {"parametersBillions": 70}, "broker": values}), "Deployment", "rel-cadence-broker"
+    )
+    assert _gib(container(broker, "broker")["resources"]["limits"]["memory"]) == 9
+    volume = next(v for v in broker["spec"]["template"]["spec"]["volumes"] if v["name"] == "spill")
+    claim_spec = volume["ephemeral"]["volumeClaimTemplate"]["spec"]
+    assert claim_spec["storageClassName"] == "fast-ssd" and claim_spec["resources"]["requests"]["storage"] == "600Gi"
+    _validate(broker)
+    import helm_python
+
+    with pytest.raises(helm_python.HelmRenderError, match=r"broker.spill is for the in-memory store"):
+        render_values({"broker": {"spill": {"enabled": True}, "persistence": {"enabled": True}}})
+
+
 # --- 7: KEDA --------------------------------------------------------------------------------------------------
 
 

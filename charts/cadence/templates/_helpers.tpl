@@ -393,6 +393,28 @@ ones plus the publish in flight), at least 1 GiB.
 {{- end }}
 
 {{/*
+cadence.brokerMemoryBytes: with broker.spill, the most version bytes the broker holds in memory:
+broker.spill.memoryBytes, else one version.
+*/}}
+{{- define "cadence.brokerMemoryBytes" -}}
+{{- if .Values.broker.persistence.enabled }}
+{{- fail "broker.spill is for the in-memory store: with broker.persistence.enabled every version already lives on the volume; enable one of them" }}
+{{- end }}
+{{- if .Values.broker.spill.memoryBytes }}
+{{- int64 .Values.broker.spill.memoryBytes }}
+{{- else }}
+{{- include "cadence.versionBytes" . }}
+{{- end }}
+{{- end }}
+
+{{/*
+cadence.brokerSpillSize: the spill volume's size: broker.spill.size, else the byte budget + 25%.
+*/}}
+{{- define "cadence.brokerSpillSize" -}}
+{{- .Values.broker.spill.size | default (include "cadence.gibCeil" (dict "bytes" (div (mul (int64 (include "cadence.brokerMaxBytes" .)) 5) 4))) }}
+{{- end }}
+
+{{/*
 cadence.gibCeil: a byte count rounded up to whole GiB, as a Kubernetes quantity. Call with (dict "bytes" N "extra" GiB).
 */}}
 {{- define "cadence.gibCeil" -}}
@@ -401,11 +423,16 @@ cadence.gibCeil: a byte count rounded up to whole GiB, as a Kubernetes quantity.
 
 {{/*
 cadence.brokerResources: broker.resources with memory sized from the budget where not given: the in-memory
-store holds every version (budget + 1 GiB); the volume store streams chunks (2 GiB).
+store holds every version (budget + 1 GiB), or up to its ceiling when it spills (ceiling + 1 GiB); the
+volume store streams chunks (2 GiB).
 */}}
 {{- define "cadence.brokerResources" -}}
 {{- $v := .Values.broker }}
-{{- $memory := ternary "2Gi" (include "cadence.gibCeil" (dict "bytes" (include "cadence.brokerMaxBytes" .) "extra" 1)) $v.persistence.enabled }}
+{{- $held := include "cadence.brokerMaxBytes" . }}
+{{- if $v.spill.enabled }}
+{{- $held = include "cadence.brokerMemoryBytes" . }}
+{{- end }}
+{{- $memory := ternary "2Gi" (include "cadence.gibCeil" (dict "bytes" $held "extra" 1)) $v.persistence.enabled }}
 {{- $resources := deepCopy ($v.resources | default dict) }}
 {{- range $key := list "requests" "limits" }}
 {{- with index $resources $key }}
