@@ -14,7 +14,7 @@ import os
 import signal
 import sys
 import threading
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from cadence.config import RunConfig, dump_run_config, load_run_config
 from cadence.errors import ConfigError, exit_on_error
@@ -22,9 +22,6 @@ from cadence.logging import get_logger, setup_logging
 from cadence.paths import run_folder
 from cadence.settings import default_port, from_argv
 from cadence.trainer.settings import TrainerSettings
-
-if TYPE_CHECKING:
-    from cadence.trainer.resume import ResumePoint
 
 log = get_logger(__name__)
 
@@ -58,29 +55,34 @@ def _claim_submission(settings: TrainerSettings) -> tuple[RunConfig, str, Traine
 
 
 def serve(settings: TrainerSettings) -> None:
-    """Run the trainer for the configured run; rank 0 also feeds prompts and serves gRPC."""
+    """Run the trainer for the configured run; rank 0 also feeds prompts and serves gRPC. A finished run's
+    trainer idles without loading the model (nor DeepSpeed, nor the prompts)."""
     setup_logging("trainer", settings.log_level, settings.log_format)
     config, run_id, settings = _load(settings)
+    from cadence.trainer.resume import agreed_view
+
+    point = agreed_view(settings.run_dir)
+    if point.finished:
+        if int(os.environ.get("RANK", "0")) == 0:
+            _idle_main(settings, config, run_id, point.finished)
+        else:
+            _wait_for_signal()
+        return
     from transformers import AutoTokenizer
 
     from cadence.models import resolve_model
     from cadence.trainer.engine import TrainEngine
-    from cadence.trainer.resume import agree, local_view
     from cadence.trainer.update import follow
 
     model_dir = resolve_model(config.model.path)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     engine = TrainEngine(model_dir, config)
-    point = agree(local_view(settings.run_dir), engine.world_size, engine.rank)
     if engine.is_main:
-        _serve_main(settings, config, run_id, engine, tokenizer, point)
-    elif point.finished:
-        _wait_for_signal()
+        _serve_main(settings, config, run_id, engine, tokenizer)
     else:
         signal.signal(signal.SIGTERM, lambda *_: log.info("SIGTERM: rank 0 leads the stop (checkpoint, then stop)"))
         follow(engine, tokenizer, settings.run_dir)
-    if not point.finished:  # an idle finished run never entered a collective
-        engine.close()  # only after a clean finish: after a failure the peers may be inside another collective
+    engine.close()  # only after a clean finish: after a failure the peers may be inside another collective
 
 
 def _wait_for_signal() -> None:
@@ -91,9 +93,45 @@ def _wait_for_signal() -> None:
     stop.wait()
 
 
-def _serve_main(
-    settings: TrainerSettings, config: RunConfig, run_id: str, engine: Any, tokenizer: Any, point: ResumePoint
-) -> None:
+def _idle_main(settings: TrainerSettings, config: RunConfig, run_id: str, finished: dict[str, Any]) -> None:
+    """A finished run's trainer restarted (a StatefulSet restarts a container that exited 0): report the run
+    done over gRPC and in Redis until stopped, so the run's end stays its end."""
+    from cadence import streams
+    from cadence.grpc import ServiceServer
+    from cadence.metrics import serve_metrics
+    from cadence.trainer.loop import LoopState
+    from cadence.trainer.server import TrainerServicer
+    from cadence.v1 import trainer_pb2_grpc
+
+    run = FinishedRun(config, run_id, LoopState(finished["step"], finished["version"], "done"))
+    fields = {"state": "done", "step": run.status.step, "version": run.status.version}
+    streams.write_meta(streams.connect(settings.redis_url), run_id, fields | {"total_steps": config.steps})
+    server = ServiceServer("trainer", settings.host, settings.grpc_port or default_port("trainer"))
+    server.add_servicer(trainer_pb2_grpc.add_TrainerServicer_to_server, TrainerServicer(run), "cadence.v1.Trainer")
+    server.start()
+    serve_metrics(settings.metrics_port)
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: run.request_stop("signal"))
+    log.info("run %s finished at step %d; idle until stopped", run_id, run.status.step)
+    try:
+        run.stopped.wait()
+    finally:
+        server.stop(settings.grace_seconds)
+
+
+class FinishedRun:
+    """What the Trainer service reports for a finished run: its last step and version, state `done`."""
+
+    def __init__(self, config: RunConfig, run_id: str, status: Any) -> None:
+        self.config, self.run_id, self.status = config, run_id, status
+        self.stopped = threading.Event()
+
+    def request_stop(self, reason: str) -> None:
+        log.info("stop requested: %s", reason)
+        self.stopped.set()
+
+
+def _serve_main(settings: TrainerSettings, config: RunConfig, run_id: str, engine: Any, tokenizer: Any) -> None:
     from cadence import streams
     from cadence.chat import prompt_token_ids
     from cadence.clients.broker import BrokerClient
@@ -119,10 +157,7 @@ def _serve_main(
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: loop.request_stop("signal"))
     try:
-        if point.finished:
-            loop.idle(point.finished)
-        else:
-            loop.run()
+        loop.run()
     except BaseException:
         loop.status.state = "failed"
         streams.write_meta(client, run_id, {"state": "failed"})

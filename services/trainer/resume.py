@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import re
 import shutil
 import time
@@ -54,6 +55,31 @@ def local_view(run_dir: Path) -> ResumePoint:
     marker = run_dir / FINISHED_FILE
     finished = json.loads(marker.read_text()) if marker.exists() else None
     return ResumePoint(tag, finished)
+
+
+def agreed_view(run_dir: Path) -> ResumePoint:
+    """What this run resumes from, agreed by every rank before anything is loaded (*collective* under a
+    launcher: it joins the process group DeepSpeed then uses). A finished run's ranks then idle without
+    loading the model."""
+    world_size, rank = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))
+    if world_size > 1:
+        _join_process_group()
+    return agree(local_view(run_dir), world_size, rank)
+
+
+def _join_process_group() -> None:
+    """The default process group as DeepSpeed would create it (NCCL on GPUs, gloo on CPU); DeepSpeed's
+    `initialize` uses a group that exists."""
+    import torch
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        return
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group("nccl")
+    else:
+        dist.init_process_group("gloo")
 
 
 def agree(view: ResumePoint, world_size: int, rank: int) -> ResumePoint:

@@ -170,7 +170,8 @@ def test_a_finished_run_stays_finished_across_trainer_restarts(
     tmp_path: Path,
 ) -> None:
     """The trainer finishes (exit 0, `finished.json`); restarted twice, it reports the run done and idles,
-    writing no final model, checkpoint, ledger line or meta step, and exits 0 when stopped."""
+    writing no final model, checkpoint, ledger line or meta step, and exits 0 when stopped. It loads nothing
+    to idle: the restarts' model folder is gone (a trainer that loaded the model or DeepSpeed would fail)."""
     root = tmp_path / "runs"
     config = config_of("life-done", untrained_tiny_model_dir, 3)
     generator = Generator(redis_url, "life-done", broker_target, tokenizer)
@@ -184,8 +185,9 @@ def test_a_finished_run_stays_finished_across_trainer_restarts(
     folder = first.folder
     assert json.loads((folder / "finished.json").read_text())["step"] == 3
     written = {p: p.stat().st_mtime_ns for p in folder.rglob("*") if p.is_file()}
+    without_model = config | {"model": {"path": str(tmp_path / "deleted-model")}}
     for attempt in ("second", "third"):
-        again = Trainer(root, config, redis_url, broker_target, attempt)
+        again = Trainer(root, without_model, redis_url, broker_target, attempt)
         trainers.append(again)
         status = again.status()
         assert (status.state, status.step, status.version) == ("done", 3, 3)
