@@ -186,6 +186,9 @@ class RunConfig(_Strict):
     checkpoint_every: int | None = Field(None, ge=0)
     """Steps between checkpoints (0: only at a stop and at the end). Default: a twentieth of the run, at most
     every 50 steps, so a trainer killed without warning (a lost node) resumes near where it stopped."""
+    keep_checkpoints: int = Field(2, ge=1)
+    """Checkpoints kept on the volume (older ones are deleted); a benchmark that evaluates every checkpoint
+    afterwards keeps them all."""
 
     @field_validator("run_id")
     @classmethod

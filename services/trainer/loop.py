@@ -167,7 +167,7 @@ class TrainLoop:
         self._run_plan(StepPlan(self.status.step, checkpoint=state | self.intake.counts()))
         self.intake.acknowledge()
         self.retention.trim()
-        prune_checkpoints(self.run_dir / "checkpoints")
+        prune_checkpoints(self.run_dir / "checkpoints", self.config.keep_checkpoints)
 
     def _publish(self, state: dict | None, version: int) -> None:
         assert state is not None

@@ -265,3 +265,24 @@ def test_grpo_old_policy_is_the_last_published_version_with_a_fixed_reference(
     metrics = read_jsonl(tmp_path / "metrics.jsonl")
     assert metrics[2]["ratio_mean"] == pytest.approx(1.0, abs=1e-5)  # first step after a sync: π = π_old
     assert metrics[1]["ratio_mean"] != pytest.approx(1.0, abs=1e-7)  # second step of block 0: π moved
+
+
+@pytest.mark.parametrize(
+    ("keep", "kept"), [(None, ["step-3", "step-4"]), (4, ["step-1", "step-2", "step-3", "step-4"])]
+)
+def test_keep_checkpoints_sets_how_many_stay_on_the_volume(
+    keep: int | None,
+    kept: list[str],
+    generator: Generator,
+    redis_url: str,
+    broker_target: str,
+    untrained_tiny_model_dir: Path,
+    tmp_path: Path,
+) -> None:
+    """A checkpoint every step over 4 steps: the default keeps the newest two; `keep_checkpoints` 4 keeps every
+    one (bench.sweep evaluates each checkpoint after the run)."""
+    extra = {} if keep is None else {"keep_checkpoints": keep}
+    config = run_config(sync_every=1, checkpoint_every=1, **extra)
+    with BrokerClient(broker_target, "loop") as broker:
+        make_loop(untrained_tiny_model_dir, config, redis_url, broker, tmp_path).run()
+    assert sorted(p.name for p in (tmp_path / "checkpoints").glob("step-*")) == kept
