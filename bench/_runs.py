@@ -12,6 +12,7 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -63,17 +64,24 @@ def load_run(name: str, folder: Path, seconds: float = float("nan")) -> Run:
     return Run(name, folder, metrics, _json(folder / "eval_before.json"), _json(folder / "eval_after.json"), seconds)
 
 
-def run_many(jobs: list[tuple[str, str, list[str]]], parallel: int = 1) -> list[Run]:
-    """`cadence_run(name, config, overrides)` for each job, `parallel` at a time, results in job order.
-    Concurrent runs slow each other alike, so interleave the regimes being compared in `jobs`."""
+def run_many(
+    jobs: list[tuple[str, str, list[str]]], parallel: int = 1, done: Callable[[int, Run], None] | None = None
+) -> list[Run]:
+    """`cadence_run(name, config, overrides)` for each job, `parallel` at a time, results in job order;
+    `done(index, run)` as each one finishes (so a long grid records its progress). Concurrent runs slow each
+    other alike, so interleave the regimes being compared in `jobs`."""
     from concurrent.futures import ThreadPoolExecutor
 
-    def one(job: tuple[str, str, list[str]]) -> Run:
-        print(f"-- {job[0]} {' '.join(job[2])}", flush=True)
-        return cadence_run(*job)
+    def one(indexed: tuple[int, tuple[str, str, list[str]]]) -> Run:
+        index, job = indexed
+        print(f"-- [{index + 1}/{len(jobs)}] {job[0]} {' '.join(job[2])}", flush=True)
+        run = cadence_run(*job)
+        if done is not None:
+            done(index, run)
+        return run
 
     with ThreadPoolExecutor(max(1, parallel)) as pool:
-        return list(pool.map(one, jobs))
+        return list(pool.map(one, enumerate(jobs)))
 
 
 def _json(path: Path) -> dict[str, Any] | None:

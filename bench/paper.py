@@ -53,6 +53,7 @@ class Setup:
             f"steps={self.steps}",
             f"seed={seed}",
             f"checkpoint_every={max(1, self.steps // 4)}",
+            "keep_checkpoints=5",
             f"eval.max_problems={self.problems}",
             f"eval.samples={self.k}",
             "eval.temperature=0.6",
@@ -232,13 +233,15 @@ def report(
 
 
 def sweep(args: argparse.Namespace) -> str:
-    """`--sweep`: bench/sweep.py's grid, narrowed by `--steps/--seeds/--lrs/--regimes` for a reduced run."""
-    from bench.sweep import LRS, REGIMES, Grid, run_sweep
+    """`--sweep`: bench/sweep.py's grid, narrowed by `--steps/--seeds/--lrs/--regimes` for a reduced run;
+    with `--report`, the report again from the last sweep's run records (the same narrowing flags)."""
+    from bench.sweep import LRS, REGIMES, Grid, read_records, run_grid
+    from bench.sweep_report import write_report
 
     regimes = [r for r in REGIMES if args.regimes is None or r[0] in args.regimes]
     grid = Grid(regimes=regimes, lrs=tuple(args.lrs or LRS), parallel=args.parallel, curves=args.curves)
     grid.steps, grid.seeds = args.steps or grid.steps, args.seeds or grid.seeds
-    return run_sweep(grid)
+    return write_report(read_records() if args.report else run_grid(grid), grid)
 
 
 def main() -> None:
@@ -251,6 +254,7 @@ def main() -> None:
     parser.add_argument("--regimes", nargs="+", default=None, help="--sweep: regime labels (default: all)")
     parser.add_argument("--parallel", type=int, default=1, help="--sweep: runs at once")
     parser.add_argument("--curves", choices=["heldout", "train"], default="heldout", help="--sweep: curve source")
+    parser.add_argument("--report", action="store_true", help="--sweep: re-render from the last sweep's records")
     args = parser.parse_args()
     if args.sweep:
         print(sweep(args))

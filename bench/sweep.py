@@ -11,9 +11,11 @@ semi-online allows shows there.
 Time to accuracy: per regime its best learning rate (highest mean final accuracy); target = the online DPO
 curve's best mean accuracy (at its best lr) minus 2 points; per seed the first checkpoint at or above it.
 
-Budget (full, the defaults): 4 lr × 5 regimes × 3 seeds = 60 runs of 120 steps; about 45-60 min on 2 quiet
-cores (≈0.3 s per step + ~15 s start-up + checkpoint evals per run). Writes bench/results/sweep.md,
-sweep.json and sweep_*.png.
+Budget (full, the defaults): 3 lr (5e-4, 1.5e-4, 5e-5: 10×) × 5 regimes × 3 seeds = 45 runs of 80 steps,
+sized to about an hour on 2 quiet cores (≈0.45 s per step + ~35 s of start-up and before/after evaluation +
+5 checkpoint evals per run). Each finished run is appended to bench/results/sweep_runs.jsonl (its curve and
+folder), so `--report` re-renders sweep.md, sweep.json (cells, ordering with seed spread) and sweep_*.png
+from it without re-running.
 """
 
 from __future__ import annotations
@@ -22,9 +24,9 @@ import json
 from dataclasses import dataclass, field
 
 from bench._common import RESULTS
-from bench._runs import Run, load_average, mean_sem, run_many
+from bench._runs import Run, run_many
 
-LRS = (5e-4, 2e-4, 1e-4, 5e-5)
+LRS = (5e-4, 1.5e-4, 5e-5)
 REGIMES = [
     ("offline DPO", "toy-offline-dpo", []),
     ("semi-online s = 16", "toy-semi-online-dpo", ["sync_every=16"]),
@@ -40,11 +42,11 @@ Curve = list[tuple[int, float, float]]
 
 @dataclass
 class Grid:
-    steps: int = 120
+    steps: int = 80
     seeds: int = 3
     lrs: tuple[float, ...] = LRS
     regimes: list = field(default_factory=lambda: list(REGIMES))
-    checkpoints: int = 6
+    checkpoints: int = 5
     problems: int = 200
     parallel: int = 1
     """Runs at once; they slow each other alike (cells are interleaved), and the report says how many."""
@@ -58,25 +60,62 @@ class Grid:
             f"seed={seed}",
             f"optimizer.lr={lr}",
             f"checkpoint_every={max(1, self.steps // self.checkpoints) if self.curves == 'heldout' else 0}",
+            f"keep_checkpoints={self.checkpoints + 2}",
             f"eval.max_problems={self.problems}",
         ]
 
 
-def run_grid(grid: Grid) -> tuple[dict[tuple[str, float], list[Curve]], dict[tuple[str, float], list[float]]]:
-    """Every cell's curves and final held-out greedy accuracies, one per seed."""
+RECORDS = RESULTS / "sweep_runs.jsonl"
+
+
+def run_grid(grid: Grid) -> list[dict]:
+    """Every run of the grid, one record each (also appended to `RECORDS` as it finishes)."""
     jobs, keys = [], []
     for seed in range(grid.seeds):
         for lr in grid.lrs:
             for label, config, extra in grid.regimes:
                 slug = "sw-" + "".join(c if c.isalnum() else "-" for c in label.lower())[:16] + f"-{lr:g}"
                 jobs.append((slug, config, grid.overrides(seed, lr) + extra))
-                keys.append((label, lr))
-    curves: dict[tuple[str, float], list[Curve]] = {}
-    finals: dict[tuple[str, float], list[float]] = {}
-    for key, run in zip(keys, run_many(jobs, grid.parallel), strict=True):
-        curves.setdefault(key, []).append(held_out_curve(run, grid) if grid.curves == "heldout" else train_curve(run))
-        finals.setdefault(key, []).append(run.after["accuracy"])
-    return curves, finals
+                keys.append((label, lr, seed))
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    RECORDS.write_text("")
+    records: dict[int, dict] = {}
+
+    def done(index: int, run: Run) -> None:
+        records[index] = record_of(run, grid, *keys[index])
+        with RECORDS.open("a") as handle:
+            handle.write(json.dumps(records[index]) + "\n")
+
+    run_many(jobs, grid.parallel, done)
+    return [records[i] for i in sorted(records)]
+
+
+def read_records() -> list[dict]:
+    """The records the last `run_grid` appended to `RECORDS`."""
+    return [json.loads(line) for line in RECORDS.read_text().splitlines() if line]
+
+
+def record_of(run: Run, grid: Grid, label: str, lr: float, seed: int) -> dict:
+    """A run's curve, final accuracy and how its answers end (the last 5 steps), for the report."""
+    tail = run.metrics[-5:]
+
+    def tail_mean(key: str) -> float | None:
+        values = [m[key] for m in tail if m.get(key) is not None]
+        return sum(values) / len(values) if values else None
+
+    curve = held_out_curve(run, grid) if grid.curves == "heldout" else train_curve(run)
+    return {
+        "label": label,
+        "lr": lr,
+        "seed": seed,
+        "folder": str(run.folder),
+        "curve": curve,
+        "final": run.after["accuracy"],
+        "seed_accuracy": run.before["accuracy"],
+        "train_seconds": sum(m["step_time"] for m in run.metrics),
+        "length_tail": tail_mean("length_mean"),
+        "eos_rate_correct_tail": tail_mean("eos_rate_correct"),
+    }
 
 
 def train_curve(run: Run, window: int = 5) -> Curve:
@@ -114,122 +153,3 @@ def held_out_curve(run: Run, grid: Grid) -> Curve:
             curve.append((step, times[step], summary.accuracy))
     curve.append((grid.steps, times[-1], run.after["accuracy"]))
     return curve
-
-
-def mean_curve(curves: list[Curve]) -> list[tuple[int, float, float, float]]:
-    """(step, mean seconds, mean accuracy, its standard error) over seeds, at the checkpoints all share."""
-    steps = sorted(set.intersection(*({s for s, _, _ in c} for c in curves)))
-    out = []
-    for step in steps:
-        points = [next(p for p in c if p[0] == step) for c in curves]
-        acc, sem = mean_sem([p[2] for p in points])
-        out.append((step, mean_sem([p[1] for p in points])[0], acc, sem))
-    return out
-
-
-def best_lrs(finals: dict[tuple[str, float], list[float]], grid: Grid) -> dict[str, float]:
-    """Each regime's learning rate with the highest mean final held-out accuracy."""
-    return {label: max(grid.lrs, key=lambda lr: mean_sem(finals[(label, lr)])[0]) for label, _, _ in grid.regimes}
-
-
-def first_reaching(curve: Curve, target: float) -> tuple[int, float] | None:
-    """(steps, training seconds) of the first checkpoint (the seed excluded) at or above `target`."""
-    return next(((s, t) for s, t, a in curve if s > 0 and a >= target), None)
-
-
-def time_to_target(group: list[Curve], target: float) -> str:
-    hits = [first_reaching(c, target) for c in group]
-    reached = [h for h in hits if h is not None]
-    if not reached:
-        return f"not reached (0/{len(group)})"
-    steps, seconds = mean_sem([float(h[0]) for h in reached]), mean_sem([h[1] for h in reached])
-    return f"{steps[0]:.0f} ± {steps[1]:.0f} steps, {seconds[0]:.0f} ± {seconds[1]:.0f} s ({len(reached)}/{len(group)})"
-
-
-def plot(curves: dict[tuple[str, float], list[Curve]], grid: Grid, best: dict[str, float]) -> list[str]:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    names = []
-    fig, axes = plt.subplots(1, len(grid.lrs), figsize=(4.2 * len(grid.lrs), 3.6), sharey=True, squeeze=False)
-    for axis, lr in zip(axes[0], grid.lrs, strict=True):
-        for index, (label, _, _) in enumerate(grid.regimes):
-            points = mean_curve(curves[(label, lr)])
-            axis.errorbar([p[0] for p in points], [100 * p[2] for p in points], [100 * p[3] for p in points],
-                          color=f"C{index}", label=label, capsize=2)  # fmt: skip
-        axis.set(title=f"lr {lr:g}", xlabel="optimizer step")
-    axes[0][0].set(ylabel="held-out accuracy (%), mean ± s.e.")
-    axes[0][-1].legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(RESULTS / "sweep_steps.png", dpi=100)
-    plt.close(fig)
-    names.append("sweep_steps.png")
-    fig, axis = plt.subplots(figsize=(6, 4))
-    for index, (label, _, _) in enumerate(grid.regimes):
-        for seed, curve in enumerate(curves[(label, best[label])]):
-            name = f"{label} (lr {best[label]:g})" if seed == 0 else None
-            axis.plot([p[1] for p in curve], [100 * p[2] for p in curve], color=f"C{index}", alpha=0.6, label=name)
-    axis.set(xlabel="training wall-clock (s)", ylabel="held-out accuracy (%)", title="each regime at its best lr")
-    axis.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(RESULTS / "sweep_wallclock.png", dpi=100)
-    plt.close(fig)
-    names.append("sweep_wallclock.png")
-    return names
-
-
-def report(
-    curves: dict[tuple[str, float], list[Curve]], finals: dict[tuple[str, float], list[float]], grid: Grid
-) -> str:
-    best = best_lrs(finals, grid)
-    measure = (
-        "greedy held-out accuracy at each checkpoint"
-        if grid.curves == "heldout"
-        else "the generator's sampled training accuracy (T 1, 5-step running mean)"
-    )
-    online = mean_curve(curves[(ONLINE, best[ONLINE])]) if ONLINE in best else []
-    target = max(p[2] for p in online) - 0.02 if online else float("nan")
-    lines = [
-        f"# Regime × learning-rate sweep on the toy ({grid.steps} steps × 32 prompts × 8 samples, "
-        f"{grid.seeds} seed(s); final: greedy held-out accuracy on {grid.problems} toy test problems)",
-        "",
-        f"2-core CPU sandbox; load average at the end {load_average()}; {grid.parallel} run(s) at once, cells "
-        "interleaved per seed, so contention hits every regime alike. "
-        f"Final held-out accuracy, mean ± standard error over seeds; in brackets the best point of the curve "
-        f"({measure}), which the plots and the time to target use.",
-        "",
-        "| regime | " + " | ".join(f"lr {lr:g}" for lr in grid.lrs) + " | best lr |",
-        "|---|" + "---|" * (len(grid.lrs) + 1),
-    ]
-    for label, _, _ in grid.regimes:
-        cells = []
-        for lr in grid.lrs:
-            final, sem = mean_sem(finals[(label, lr)])
-            peak = max(p[2] for p in mean_curve(curves[(label, lr)]))
-            cells.append(f"{100 * final:.1f} ± {100 * sem:.1f} [{100 * peak:.1f}]")
-        lines.append(f"| {label} | " + " | ".join(cells) + f" | {best[label]:g} |")
-    lines += [
-        "",
-        f"Time to {100 * target:.1f} % on the curves (online DPO's best mean point at lr {best.get(ONLINE, 0):g} "
-        "− 2 points), "
-        "each regime at its best lr, training wall-clock summed from the trainer's step times:",
-        "",
-    ]
-    for label, _, _ in grid.regimes:
-        lines.append(f"- {label} (lr {best[label]:g}): {time_to_target(curves[(label, best[label])], target)}")
-    lines += ["", *(f"![{name}]({name})" for name in plot(curves, grid, best)), ""]
-    return "\n".join(lines)
-
-
-def run_sweep(grid: Grid) -> str:
-    curves, finals = run_grid(grid)
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    cells = {
-        f"{label} @ {lr:g}": {"curves": group, "final": finals[(label, lr)]} for (label, lr), group in curves.items()
-    }
-    (RESULTS / "sweep.json").write_text(json.dumps(cells, indent=1))
-    md = report(curves, finals, grid)
-    (RESULTS / "sweep.md").write_text(md)
-    return md
