@@ -222,6 +222,24 @@ def test_grpc_auth(strict_service: RewardService) -> None:
         assert health.status == health_pb2.HealthCheckResponse.SERVING
 
 
+def test_strict_format_from_the_environment_scores_run_on_answers_zero(
+    open_service: RewardService, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`strict_format: true` reaches the reward service as `CADENCE_STRICT_FORMAT` (the launcher, the
+    chart): a right box followed by more text (the toy's length collapse, `\\boxed{167}6}`) scores 0 there,
+    1 on a lenient service; a box that ends the answer scores 1 on both."""
+    monkeypatch.setenv("CADENCE_STRICT_FORMAT", "1")
+    strict = _serve(pool_processes=1, item_timeout_seconds=2.0)
+    items = [{"response": " \\boxed{167}6}", "reference": "167"}, {"response": " \\boxed{167}", "reference": "167"}]
+    try:
+        replies = [httpx.post(f"{url(s)}/v1/score", json={"items": items}) for s in (open_service, strict)]
+    finally:
+        strict.stop()
+    lenient, strict_results = (reply.json()["results"] for reply in replies)
+    assert [(r["reason"], r["reward"]) for r in lenient] == [("correct", 1.0), ("correct", 1.0)]
+    assert [(r["reason"], r["reward"]) for r in strict_results] == [("trailing_text", 0.0), ("correct", 1.0)]
+
+
 # --- gRPC ----------------------------------------------------------------------------------------
 
 
