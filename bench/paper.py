@@ -13,7 +13,8 @@ re-running each regime at several step budgets would multiply the runs.
 
 Run: `.venv/bin/python -m bench.paper [--quick]` (full ~24 min, --quick ~2.5 min on 2 cores).
 Writes bench/results/paper.md, paper.json and PNGs. `--sweep`: the learning-rate × regime sweep of
-bench/sweep.py instead (~1 h; `--steps/--seeds/--lrs/--regimes` narrow it).
+bench/sweep.py instead (~1 h; `--steps/--seeds/--lrs/--regimes` narrow it; `--sweep --report` re-renders the
+last sweep's report from its run records).
 """
 
 from __future__ import annotations
@@ -181,9 +182,9 @@ def _tail(run: Run, key: str) -> float:
     return sum(values) / len(values) if values else float("nan")
 
 
-def ordering(runs: dict[str, list[Run]]) -> tuple[dict[str, float], list[str]]:
-    """Mean final accuracies of the main regimes, and where the paper's ordering did not hold (each note with
-    the two regimes' standard errors over seeds, so a gap within the spread reads as such)."""
+def ordering(runs: dict[str, list[Run]]) -> tuple[dict[str, tuple[float, float]], list[str]]:
+    """Final accuracies (mean, standard error over seeds) per regime, and where the paper's ordering did not
+    hold (each note with the two regimes' standard errors, so a gap within the spread reads as such)."""
     spread = {label: mean_sem([r.after["accuracy"] for r in group]) for label, group in runs.items()}
     acc = {label: mean for label, (mean, _) in spread.items()}
     online = acc.get("online DPO")
@@ -200,7 +201,7 @@ def ordering(runs: dict[str, list[Run]]) -> tuple[dict[str, float], list[str]]:
                 f"{label} ({pm(label)}) is {100 * (acc[label] - online):+.1f} points from online DPO "
                 f"({pm('online DPO')}; more than 5)"
             )
-    return acc, notes
+    return spread, notes
 
 
 def report(
@@ -271,8 +272,11 @@ def main() -> None:
     md, notes = report(runs, setup, curves, target, wins)
     (RESULTS / "paper.md").write_text(md)
     print(md)
-    acc, _ = ordering(runs)
-    rows = [row(f"{label}: held-out accuracy", value, None, "ratio") for label, value in acc.items()]
+    spread, _ = ordering(runs)
+    rows = []
+    for label, (mean, sem) in spread.items():
+        rows += [row(f"{label}: held-out accuracy", mean, None, "ratio")]
+        rows += [row(f"{label}: held-out accuracy, s.e. over {len(runs[label])} seed(s)", sem, None, "ratio")]
     rows += [row(f"{label}: tiny-RM win rate vs seed", win, None, "ratio") for label, (win, _) in wins.items()]
     rows.append(row("ordering offline < semi-online ≈ online ≈ GRPO", float(not notes), 1.0, "bool"))
     semi = first_reaching(curves["semi-online DPO (s = 4)"], target)
