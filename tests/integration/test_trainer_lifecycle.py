@@ -24,6 +24,7 @@ import yaml
 from transformers import AutoTokenizer
 
 from cadence import streams
+from cadence.errors import NotReady
 from cadence.grpc import channel, wait_healthy
 from cadence.net import free_port
 from cadence.v1 import trainer_pb2, trainer_pb2_grpc
@@ -79,8 +80,15 @@ class Trainer:
         self.log.close()
         return code
 
-    def status(self) -> trainer_pb2.TrainerStatus:
-        wait_healthy(f"127.0.0.1:{self.port}", timeout=300)
+    def status(self, timeout: float = 300) -> trainer_pb2.TrainerStatus:
+        deadline = time.monotonic() + timeout
+        while True:  # a trainer that exits while starting fails the test at once, with its output
+            assert self.proc.poll() is None, f"trainer exited {self.proc.returncode}:\n{self.output()[-3000:]}"
+            try:
+                wait_healthy(f"127.0.0.1:{self.port}", timeout=5)
+                break
+            except NotReady:
+                assert time.monotonic() < deadline, f"not serving after {timeout}s:\n{self.output()[-3000:]}"
         with channel(f"127.0.0.1:{self.port}") as chan:
             return trainer_pb2_grpc.TrainerStub(chan).Status(trainer_pb2.TrainerStatusRequest())
 
