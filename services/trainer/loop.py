@@ -80,7 +80,7 @@ class TrainLoop:
         self.publisher = Publisher(transport, self.stop_requested)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.retention = StreamRetention(client, run_id, self.run_dir)
-        self.tensorboard: Any = None  # opened at the first step: an idle finished run writes nothing
+        self.tensorboard: Any = None  # opened at the first step
 
     def request_stop(self, reason: str) -> None:
         """Checkpoint and stop after the step in progress (a step still waiting for samples is abandoned)."""
@@ -100,16 +100,6 @@ class TrainLoop:
             if not self._one_step():
                 break
         self._finish()
-        return self.status
-
-    def idle(self, finished: dict[str, Any]) -> LoopState:
-        """A finished run's trainer restarted (a StatefulSet restarts a container that exited 0): report the
-        run done and wait for a stop, loading and writing nothing, so the run's end stays its end."""
-        self.status.step, self.status.version, self.status.state = finished["step"], finished["version"], "done"
-        self._write_meta(first=True)
-        log.info("run %s finished at step %d; idle until stopped", self.run_id, self.status.step)
-        self.stop_requested.wait()
-        self.status.state = "done"
         return self.status
 
     def _resume(self) -> None:
