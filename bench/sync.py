@@ -13,18 +13,24 @@ as the trainer publishes them on GPU (bf16, `cadence.weights.pack`), and
    dtype matters;
 3. the transfer time the delta saves at 25 Gbit/s (the issue's cluster link) and at this broker's loopback
    rate (a real `cadence serve broker` and `BrokerClient`: full fetch vs delta fetch of the same version,
-   decode and end-to-end sha256 verification included), against encode + decode time.
+   decode and end-to-end sha256 verification included), against encode + decode time;
+4. fan-out, full versions vs relay (`cadence.clients.relay`): 1, 2 and 4 fetcher processes (like inference
+   pods) fetch one SmolLM2-135M-shaped bf16 version (random values, 270 MB) at once; the broker's egress
+   (its `Status.bytes_out`) ÷ one version, and the time from their common start until every one holds the
+   whole version verified (goals at 4 fetchers: egress ≤ 1.2 × one version, time ≤ 1.5 × one fetcher's).
 
 s = 1 figures are the mean over the ten consecutive pairs (Adam's first step moves every weight by the full
 lr, later ones by less); the candidates are compared on the last pair. MB = 10^6 bytes.
 
-Run: `.venv/bin/python -m bench.sync [--quick]` (not run in CI). On the 2-core sandbox shared with other jobs
+Run: `.venv/bin/python -m bench.sync [--quick | --fan-out-only]` (not run in CI; `--fan-out-only`: only 4.,
+about 2 minutes). On the 2-core sandbox shared with other jobs
 (load 15-40) `--quick` took 20 minutes and the full run did not finish in 50; the optimizer steps dominate.
 """
 
 from __future__ import annotations
 
 import argparse
+import multiprocessing as mp
 import statistics
 import sys
 import time
@@ -39,14 +45,18 @@ import numpy as np
 import torch
 import zstandard
 from _common import print_table, record, row
-from broker import start_broker
+from broker import smollm2_state, start_broker
 
 from cadence import weights_delta
 from cadence.clients import BrokerClient
+from cadence.clients.relay import start_relay
 from cadence.config import OptimizerConfig
 from cadence.weights import Packed, pack
 
 GOAL_PERCENT = 10.0  # ≤ 10 % of full at lr 1e-6 bf16 s=1
+GOAL_EGRESS = 1.2  # × one version, at 4 fetchers, with relay
+GOAL_FAN_OUT_TIME = 1.5  # time until 4 fetchers hold the version ÷ the time for one
+FETCHERS = (1, 2, 4)
 LINK_BYTES_PER_S = 25e9 / 8
 EPS = 1e-8  # the trainer's ε for chat tasks (math's 1e-4 takes smaller steps): the larger deltas
 TEXTS = [
@@ -239,26 +249,78 @@ def _renumbered(packed: Packed, run: str, version: int) -> Packed:
     return Packed(manifest, packed.payload)
 
 
+def _fetcher(target: str, run: str, version: int, relayed: bool, barrier: Any, out: Any) -> None:
+    """One fetcher process: fetch `version` (through relays if `relayed`), report when, then keep serving
+    until every fetcher is done (a relay that left early would only be routed around)."""
+    torch.set_num_threads(1)
+    relay = start_relay("127.0.0.1", 0) if relayed else None
+    with BrokerClient(target, run, relay=relay) as client:
+        barrier.wait()
+        started = time.time()
+        client.fetch(version)
+        out.put((started, time.time()))
+        barrier.wait()
+    if relay is not None and relay.server is not None:
+        relay.server.stop(0)
+
+
+def fan_out_rows(target: str) -> list[dict[str, Any]]:
+    """Broker egress and time until every fetcher holds a version, full versions vs relay."""
+    run, rows, ctx = "sync-fanout", [], mp.get_context("spawn")
+    packed = pack(smollm2_state(), run_id=run, version=0)
+    size, version, spans = len(packed.payload), 0, {}
+    with BrokerClient(target, run, keyframe_every=1) as trainer:
+        for relayed in (False, True):
+            label = "relay" if relayed else "full versions from the broker"
+            for fetchers in FETCHERS:
+                version += 1
+                trainer.publish_packed(_renumbered(packed, run, version))
+                before = trainer.status().bytes_out
+                barrier, out = ctx.Barrier(fetchers), ctx.Queue()
+                args = (target, run, version, relayed, barrier, out)
+                procs = [ctx.Process(target=_fetcher, args=args) for _ in range(fetchers)]
+                for proc in procs:
+                    proc.start()
+                times = [out.get(timeout=600) for _ in procs]
+                for proc in procs:
+                    proc.join(60)
+                egress = (trainer.status().bytes_out - before) / size
+                span = spans[relayed, fetchers] = max(end for _, end in times) - min(start for start, _ in times)
+                goal = GOAL_EGRESS if relayed and fetchers == 4 else None
+                tag = f"fan-out {fetchers}, {label}"
+                rows.append(row(f"{tag}: broker egress ÷ one version", egress, goal, "×", False))
+                rows.append(row(f"{tag}: until all hold it", span, None, "s", False))
+            ratio = spans[relayed, 4] / spans[relayed, 1]
+            goal = GOAL_FAN_OUT_TIME if relayed else None
+            rows.append(row(f"fan-out, {label}: time for 4 ÷ time for 1", ratio, goal, "×", False))
+    print(f"fan-out: {size / 1e6:.0f} MB per version", file=sys.stderr)
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=10, help="optimizer steps per learning rate (s = 10 needs 10)")
     parser.add_argument("--quick", action="store_true", help="2 steps per learning rate (s = 2 instead of 10)")
+    parser.add_argument("--fan-out-only", action="store_true", help="only the fan-out rows, full vs relay (~2 min)")
     args = parser.parse_args()
     if args.quick:
         args.steps = 2
     torch.manual_seed(0)
     proc, target = start_broker()
+    name = "sync-fanout" if args.fan_out_only else "sync"
     try:
         rows: list[dict[str, Any]] = []
-        for lr in (1e-6, 5e-4):
-            rows += lr_rows(lr, args.steps, "bf16", target)
-            record("sync", rows)  # what is measured so far survives an interrupted run
-        rows += lr_rows(1e-6, 1, "fp32")
+        if not args.fan_out_only:
+            for lr in (1e-6, 5e-4):
+                rows += lr_rows(lr, args.steps, "bf16", target)
+                record(name, rows)  # what is measured so far survives an interrupted run
+            rows += lr_rows(1e-6, 1, "fp32")
+        rows += fan_out_rows(target)
     finally:
         proc.terminate()
         proc.wait(10)
     print_table(rows)
-    print(f"recorded in {record('sync', rows)}")
+    print(f"recorded in {record(name, rows)}")
 
 
 if __name__ == "__main__":

@@ -413,3 +413,26 @@ def test_every_cadence_env_var_is_a_service_setting(rendered: dict[str, list[dic
     for service, pending in NOT_YET_READ.items():
         now_read = pending & {f"CADENCE_{field.upper()}" for field in classes[service].model_fields}
         assert not now_read, f"{sorted(now_read)} is a setting now: drop it from NOT_YET_READ"
+
+
+def test_inference_pods_relay_weights_to_one_another_when_there_are_several(render_values) -> None:
+    """Relay fan-out: off for one pod (nothing to relay to), on for several, announced as the pod's IP and
+    admitted by a NetworkPolicy from inference pods only."""
+    one = render_values({})
+    assert "CADENCE_RELAY_PORT" not in env(container(find(one, "Deployment", "rel-cadence-inference"), "inference"))
+    assert not [d for d in one if d["metadata"]["name"] == "rel-cadence-inference-relay"]
+    for values in ({"inference": {"replicas": 3}}, {"inference": {"relay": "on"}}):
+        docs = render_values(values)
+        pod = container(find(docs, "Deployment", "rel-cadence-inference"), "inference")
+        variables = env(pod)
+        assert variables["CADENCE_RELAY_PORT"] == "50055" and variables["CADENCE_RELAY_ADDR"] == "$(POD_IP):50055"
+        assert {"name": "relay", "containerPort": 50055} in pod["ports"]
+        (rule,) = find(docs, "NetworkPolicy", "rel-cadence-inference-relay")["spec"]["ingress"]
+        assert rule["ports"] == [{"port": 50055, "protocol": "TCP"}]
+        assert rule["from"][0]["podSelector"]["matchLabels"]["app.kubernetes.io/component"] == "inference"
+    assert "CADENCE_RELAY_PORT" not in env(
+        container(
+            find(render_values({"inference": {"replicas": 3, "relay": "off"}}), "Deployment", "rel-cadence-inference"),
+            "inference",
+        )
+    )

@@ -147,6 +147,14 @@ Call with (dict "run" .Values.run.id "kind" "prompts").
 {{/*
 cadence.brokerAddr: host:port of the broker Service.
 */}}
+{{/*
+cadence.inferenceRelay: "true" when inference pods relay weight chunks to one another (relay fan-out), else "".
+*/}}
+{{- define "cadence.inferenceRelay" -}}
+{{- $v := .Values.inference }}
+{{- if or (eq $v.relay "on") (and (eq $v.relay "auto") (or (gt (int $v.replicas) 1) .Values.keda.enabled)) }}true{{ end }}
+{{- end }}
+
 {{- define "cadence.brokerAddr" -}}
 {{- printf "%s:%d" (include "cadence.component.fullname" (dict "root" . "component" "broker")) (int .Values.broker.grpcPort) }}
 {{- end }}
