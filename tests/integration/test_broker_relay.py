@@ -177,3 +177,21 @@ def test_deltas_relay_and_late_joiners_and_restarted_replicas_reach_the_trainers
         trainer.publish(versions[2], 3)
         got = fetch_together([a, late, restarted], 3)
         assert all(sha256(g) == sha256(versions[2]) for g in got)
+
+
+def test_a_replica_without_a_relay_address_fetches_from_relays_and_a_broker_without_routes_serves_alone(
+    broker: str,
+) -> None:
+    state = random_state(4, seed=3)
+    publish(broker, state, 1)
+    with replica(broker) as a:
+        assert bit_exact(a.fetch(1), state)
+        before = egress(broker)
+        with BrokerClient(broker, RUN, relay=Relay()) as unreachable:  # no server: takes routes, serves nobody
+            assert bit_exact(unreachable.fetch(1), state)
+        assert egress(broker) == before  # it took the version from A
+        assert a.status().relays == 1
+        assert a.relay is not None
+        with BrokerClient(a.relay.address, RUN, relay=Relay()) as old:  # a relay answers Fetch but not Route
+            assert bit_exact(old.fetch(1), state)
+            assert old.relay is None  # so the client fetches from that broker alone from then on
