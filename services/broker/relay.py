@@ -5,7 +5,9 @@ Every fetcher asks the broker for a route first (`Route`). A fetcher that gives 
 version before): it serves each chunk as soon as it has verified it, so a relay that is still fetching already
 feeds others (a pipeline, not a store-and-forward). The broker answers with the relay that has the fewest
 fetchers assigned among those that asked before this one, and with itself only when there is none: fetchers
-that start together form a chain broker → A → B → C, later ones spread over the relays.
+that start together form a chain broker → A → B → C, later ones spread over the relays. A fetcher taking a
+delta also relays the full version it rebuilds from it (to late joiners and restarted replicas), from the
+moment it has rebuilt and verified it.
 
 Routing only to earlier askers keeps the graph acyclic, so no two relays can wait on each other. A relay
 reported as failed (dead, unreachable, or it sent a chunk that failed its digest) is dropped for the run; so
@@ -36,7 +38,7 @@ class Relay:
 
     address: str
     order: int
-    upstream: str
+    upstream: str | None  # None: it rebuilds this version from a delta, fetched under another key
 
 
 class RelayTable:
@@ -58,7 +60,7 @@ class RelayTable:
                 self._drop(key[0], address)
             me = self._relays.get(key, {}).get(asker) if asker else None
             if asker and me is None:
-                self._drop(key[0], asker)  # it now relays this version only
+                self._drop(key[0], asker, keep=key[1])  # it now relays this version only
             order = me.order if me is not None else self._next_order()
             relays = self._relays.setdefault(key, {})
             earlier = [relay for relay in relays.values() if relay.order < order and relay.address != asker]
@@ -71,6 +73,8 @@ class RelayTable:
                 upstream = min(earlier, key=lambda relay: (load[relay.address], relay.order)).address
             if asker:
                 relays[asker] = Relay(asker, order, upstream)
+            if asker and key[2]:  # a delta's fetcher will hold the full version too
+                self._relays.setdefault((key[0], key[1], False), {}).setdefault(asker, Relay(asker, order, None))
             return upstream
 
     def prune(self, run_id: str, held: set[int]) -> None:
@@ -84,9 +88,10 @@ class RelayTable:
         with self._lock:
             return sum(len(relays) for relays in self._relays.values())
 
-    def _drop(self, run_id: str, address: str) -> None:
+    def _drop(self, run_id: str, address: str, keep: int | None = None) -> None:
+        """Drop `address` from every version of the run (but `keep`)."""
         for key, relays in list(self._relays.items()):
-            if key[0] == run_id:
+            if key[0] == run_id and key[1] != keep:
                 relays.pop(address, None)
                 if not relays:
                     del self._relays[key]

@@ -48,8 +48,6 @@ _ERRORS: dict[grpc.StatusCode, type[errors.CadenceError]] = {
     grpc.StatusCode.UNAVAILABLE: errors.NotReady,
     grpc.StatusCode.DEADLINE_EXCEEDED: errors.NotReady,
 }
-
-
 MAX_FAILED = 16  # relays routed around in one fetch before it takes the rest from the broker alone
 
 
@@ -292,7 +290,7 @@ class BrokerClient(WeightTransport):
         if relayed:
             RELAY_BYTES_IN.inc(len(message.data))
         if self.relay is not None:
-            self.relay.progress(state.assembler.verified)
+            self.relay.progress(state.assembler.verified, delta=weights_delta.is_delta(state.manifest))
         if not weights_delta.is_delta(state.manifest):
             state.payload = done
             yield from state.ready()
@@ -309,6 +307,8 @@ class BrokerClient(WeightTransport):
             verify_payload(target, held.payload)
         except errors.IntegrityError as error:
             raise _BadRebuild(f"version {state.version} rebuilt from its delta is not the trainer's: {error}") from None
+        if self.relay is not None:
+            self.relay.progress(target.total_bytes)
         state.manifest, state.payload = target, held.payload
         yield from iter_tensors(target, held.payload)
 
@@ -327,6 +327,8 @@ class BrokerClient(WeightTransport):
                 ):
                     raise errors.IntegrityError("the broker sent a delta against a version this fetcher lacks")
                 state.assembler = Assembler(weights_delta.transport(manifest))
+                if self.relay is not None:  # relayed in full once rebuilt from the delta (`_rebuild`)
+                    self.relay.hold(weights_delta.full(manifest), held.payload)
             else:
                 state.assembler = Assembler(manifest, buffer=self._reusable(manifest))
             state.manifest = manifest

@@ -56,36 +56,38 @@ class _Held:
 
 
 class RelaySource:
-    """What a replica relays: one version at a time, served chunk by chunk as its fetch verifies them."""
+    """What a replica relays: one version at a time, served chunk by chunk as its fetch verifies them; in
+    up to two forms, the delta it fetched and the full version it rebuilds from it (or the full version alone)."""
 
     def __init__(self, wait_seconds: float = WAIT_SECONDS) -> None:
         self.wait_seconds = wait_seconds
         self._cond = threading.Condition()
-        self._held: _Held | None = None
+        self._forms: dict[bool, _Held] = {}  # by "is a delta"
 
     def hold(self, manifest: common_pb2.WeightManifest, buffer: bytearray | memoryview) -> None:
-        """Serve `buffer` (filled by a fetch of `manifest`) from now on, as far as `progress` says."""
+        """Serve `buffer` (filled by a fetch of `manifest`, or rebuilt into) as far as `progress` says."""
         with self._cond:
-            self._held = _Held(manifest, buffer)
+            self._forms[weights_delta.is_delta(manifest)] = _Held(manifest, buffer)
             self._cond.notify_all()
 
-    def progress(self, verified: int) -> None:
-        """The first `verified` bytes of the held buffer matched the broker's digests."""
+    def progress(self, verified: int, delta: bool) -> None:
+        """The first `verified` bytes of the form held matched the broker's digests."""
         with self._cond:
-            if self._held is not None and verified > self._held.verified:
-                self._held.verified = verified
+            held = self._forms.get(delta)
+            if held is not None and verified > held.verified:
+                held.verified = verified
                 self._cond.notify_all()
 
     def retire(self) -> None:
-        """Stop serving (the buffer is about to change); returns once no chunk is being copied out of it."""
+        """Stop serving (the buffers are about to change); returns once no chunk is being copied out of them."""
         with self._cond:
-            self._held = None
+            self._forms = {}
             self._cond.notify_all()
 
     def serve(self, request: broker_pb2.FetchRequest, active: Callable[[], bool]) -> Iterator[object]:
         """The manifest, then pre-framed chunks from `request.offset` on, as the broker's `Fetch` sends them."""
         with self._cond:
-            held = self._held
+            held = self._pick(request)
         if held is None or (held.manifest.run_id, held.manifest.version) != (request.run_id, request.version):
             what = "nothing" if held is None else f"version {held.manifest.version} of run {held.manifest.run_id!r}"
             raise VersionNotFound(
@@ -101,16 +103,26 @@ class RelaySource:
             yield self._framed(held, start, end, active)
             RELAY_BYTES_OUT.inc(end - start)
 
+    def _pick(self, request: broker_pb2.FetchRequest) -> _Held | None:
+        """The delta to a fetcher holding its base (as the broker decides), else the full version."""
+        delta = self._forms.get(True)
+        if delta is not None and request.HasField("base_version"):
+            base = (delta.manifest.delta.base_version, delta.manifest.delta.base_sha256)
+            if (request.base_version, request.base_sha256) == base:
+                return delta
+        return self._forms.get(False)
+
     def _framed(self, held: _Held, start: int, end: int, active: Callable[[], bool]) -> bytes:
         """Chunk `start:end` once verified, copied out under the lock (so `retire` never races a copy)."""
         deadline = time.monotonic() + self.wait_seconds
+        form = weights_delta.is_delta(held.manifest)
         with self._cond:
-            while self._held is held and held.verified < end and active():
+            while self._forms.get(form) is held and held.verified < end and active():
                 left = deadline - time.monotonic()
                 if left <= 0:
                     raise NotReady(f"this relay has not verified bytes {start}..{end} in {self.wait_seconds:.0f} s")
                 self._cond.wait(min(left, 0.5))
-            if self._held is not held:
+            if self._forms.get(form) is not held:
                 raise NotReady("this relay moved on to another version; ask the broker for another route")
             if not active():
                 raise NotReady("the fetch was cancelled")
@@ -170,9 +182,9 @@ class Relay:
         if self.server is not None:
             self.server.source.hold(manifest, buffer)
 
-    def progress(self, verified: int) -> None:
+    def progress(self, verified: int, delta: bool = False) -> None:
         if self.server is not None:
-            self.server.source.progress(verified)
+            self.server.source.progress(verified, delta)
 
     def retire(self) -> None:
         if self.server is not None:

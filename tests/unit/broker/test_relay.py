@@ -35,15 +35,23 @@ def test_a_failed_relay_is_dropped_and_a_reroute_never_goes_to_a_later_asker() -
     assert table.route(V1, "r0:1", failed=["r9:1"]) == BROKER  # the first asker always has the broker
 
 
-def test_a_relay_that_moves_to_another_version_or_form_stops_relaying_the_old_one() -> None:
+def test_a_relay_that_moves_to_another_version_stops_relaying_the_old_one() -> None:
     table = RelayTable()
     table.route(V1, "r0:1")
     assert table.route(("run", 2, True), "r0:1") == BROKER
     assert table.route(V1, "r1:1") == BROKER  # r0 no longer holds version 1
     table.prune("run", held={2})
-    assert table.count() == 1
+    assert table.count() == 2  # r0: version 2's delta, and the full version it rebuilds
     assert table.route(("other", 1, False), "r0:1") == BROKER  # runs are apart
-    assert table.count() == 2
+    assert table.count() == 3
+
+
+def test_a_delta_fetcher_relays_the_full_version_it_rebuilds() -> None:
+    table = RelayTable()
+    assert table.route(("run", 2, True), "a:1") == BROKER
+    assert table.route(("run", 2, True), "b:1") == "a:1"
+    assert table.route(("run", 2, False), "late:1") == "a:1"  # b serves a delta fetcher already
+    assert table.route(("run", 2, False), "next:1") == "b:1"
 
 
 @pytest.mark.parametrize("address", ["nohost", "host:port", "a b:1", "x" * 300 + ":1"])
