@@ -248,18 +248,28 @@ class TrainEngine:
 
     def step(self) -> float:
         """Clip, optimizer and scheduler step on the accumulated gradients (*collective*). Returns the
-        global grad norm."""
+        global grad norm.
+
+        The policy's gradient buffers outlive the step, zeroed in place, as ZeRO ≥ 1 keeps its flat ones:
+        freed and reallocated every step they would be allocated during the first micro-batch's backward
+        and held through every later forward, so a step's peak would depend on its micro-batch count
+        (the benchmark in services/trainer/README.md, "Memory"), and freeing them leaves the heap in pieces.
+        """
         if deepspeed is None:
             norm = torch.nn.utils.clip_grad_norm_(self.module.parameters(), self.config.optimizer.grad_clip)
             self.optimizer.step()
             self.scheduler.step()
-            self.optimizer.zero_grad(set_to_none=True)
+            self.optimizer.zero_grad(set_to_none=False)
             return float(norm)
         norm = None
+        kept = []
         if self.config.deepspeed.zero_stage == 0:  # DeepSpeed records the norm only for ZeRO ≥ 1
-            grads = [p.grad for p in self.module.parameters() if p.grad is not None]
-            norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
+            kept = [(p, p.grad) for p in self.module.parameters() if p.grad is not None]
+            norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for _, g in kept]))
         self.engine.step()
+        if not self.engine.bfloat16_enabled():  # bf16 keeps its fp32 gradients in DeepSpeed's own buffers
+            for param, grad in kept:  # DeepSpeed's ZeRO-0 step drops them (`param.grad = None`)
+                param.grad = grad.zero_()
         norm = norm if norm is not None else self.engine.get_global_grad_norm()
         return float(norm) if norm is not None else float("nan")
 

@@ -109,12 +109,9 @@ def update(engine: TrainEngine, groups: list[Group], step: int) -> dict[str, flo
         return metrics | {"loss": 0.0, "skipped_update": 1.0}
     runs = plan(parts, config.micro_batch_tokens, engine)
     results: dict[int, list[MicroResult]] = {id(part): [] for part in parts}
-    loss = 0.0
     for number, (part, items, padding) in enumerate(runs):
-        result = part.run(items, padding=padding)
-        loss += result.loss.item()
-        engine.backward(result.loss, last=number == len(runs) - 1)
-        results[id(part)].append(result)
+        results[id(part)].append(_forward_backward(engine, part, items, padding, last=number == len(runs) - 1))
+    loss = sum(r.loss.item() for kept in results.values() for r in kept)
     grad_norm = engine.step()
     for part in parts:
         metrics |= _weighted_metrics(results[id(part)])
@@ -123,6 +120,22 @@ def update(engine: TrainEngine, groups: list[Group], step: int) -> dict[str, flo
     metrics |= {"loss": loss, "entropy": sum(r.entropy_sum for r in first) / tokens, "grad_norm": grad_norm}
     metrics["lr"] = engine.lr()
     return _mean_over_ranks(metrics, engine)
+
+
+def _forward_backward(
+    engine: TrainEngine, part: DPOPart | GRPOPart, items: list[int], padding: bool, *, last: bool
+) -> MicroResult:
+    """One micro-batch's loss and backward; its result comes back with the loss detached.
+
+    A loss tensor kept until the step keeps its micro-batch's autograd graph alive: backward frees the
+    graph's saved tensors but not its nodes (~2 MiB of small allocations for SmolLM2-135M), which sit
+    between the freed activations on the heap, so the next micro-batch's activations no longer fit there:
+    the process grew by ~250 MiB a micro-batch (2 × 288 tokens, glibc) while the live tensors did not.
+    """
+    result = part.run(items, padding=padding)
+    engine.backward(result.loss, last=last)
+    result.loss = result.loss.detach()
+    return result
 
 
 def _weighted_metrics(results: list[MicroResult]) -> dict[str, float]:
