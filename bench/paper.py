@@ -242,7 +242,7 @@ def sweep(args: argparse.Namespace) -> str:
     regimes = [r for r in REGIMES if args.regimes is None or r[0] in args.regimes]
     grid = Grid(regimes=regimes, lrs=tuple(args.lrs or LRS), parallel=args.parallel, curves=args.curves)
     grid.steps, grid.seeds = args.steps or grid.steps, args.seeds or grid.seeds
-    return write_report(read_records() if args.report else run_grid(grid), grid)
+    return write_report(read_records() if args.report else run_grid(grid, args.resume), grid)
 
 
 def main() -> None:
@@ -256,6 +256,7 @@ def main() -> None:
     parser.add_argument("--parallel", type=int, default=1, help="--sweep: runs at once")
     parser.add_argument("--curves", choices=["heldout", "train"], default="heldout", help="--sweep: curve source")
     parser.add_argument("--report", action="store_true", help="--sweep: re-render from the last sweep's records")
+    parser.add_argument("--resume", action="store_true", help="--sweep: run only the cells the records lack")
     args = parser.parse_args()
     if args.sweep:
         print(sweep(args))

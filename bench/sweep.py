@@ -68,8 +68,10 @@ class Grid:
 RECORDS = RESULTS / "sweep_runs.jsonl"
 
 
-def run_grid(grid: Grid) -> list[dict]:
-    """Every run of the grid, one record each (also appended to `RECORDS` as it finishes)."""
+def run_grid(grid: Grid, resume: bool = False) -> list[dict]:
+    """Every run of the grid, one record each (also appended to `RECORDS` as it finishes). `resume`: keep
+    the records `RECORDS` already holds for this grid's cells and step count, and run only the rest (a sweep
+    stopped part-way, on cores too busy for it to finish in one sitting, goes on where it stopped)."""
     jobs, keys = [], []
     for seed in range(grid.seeds):
         for lr in grid.lrs:
@@ -78,16 +80,24 @@ def run_grid(grid: Grid) -> list[dict]:
                 jobs.append((slug, config, grid.overrides(seed, lr) + extra))
                 keys.append((label, lr, seed))
     RESULTS.mkdir(parents=True, exist_ok=True)
-    RECORDS.write_text("")
+    kept = [r for r in read_records() if _same_cell(r, grid, keys)] if resume and RECORDS.exists() else []
+    RECORDS.write_text("".join(json.dumps(r) + "\n" for r in kept))
+    have = {(r["label"], r["lr"], r["seed"]) for r in kept}
+    todo = [i for i, key in enumerate(keys) if key not in have]
     records: dict[int, dict] = {}
 
     def done(index: int, run: Run) -> None:
-        records[index] = record_of(run, grid, *keys[index])
+        records[index] = record_of(run, grid, *keys[todo[index]])
         with RECORDS.open("a") as handle:
             handle.write(json.dumps(records[index]) + "\n")
 
-    run_many(jobs, grid.parallel, done)
-    return [records[i] for i in sorted(records)]
+    run_many([jobs[i] for i in todo], grid.parallel, done)
+    return kept + [records[i] for i in sorted(records)]
+
+
+def _same_cell(record: dict, grid: Grid, keys: list[tuple[str, float, int]]) -> bool:
+    """Whether a stored record is one of this grid's runs (its cell, seed and step count)."""
+    return (record["label"], record["lr"], record["seed"]) in keys and record["curve"][-1][0] == grid.steps
 
 
 def read_records() -> list[dict]:
