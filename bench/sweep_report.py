@@ -157,14 +157,21 @@ def report(records: list[dict], grid: Grid) -> tuple[str, dict]:
     online = mean_curve(curves[(ONLINE, best[ONLINE])]) if ONLINE in best else []
     target = max(p[2] for p in online) - 0.02 if online else float("nan")
     seed_acc = mean_sem([r["seed_accuracy"] for r in records])
+    cells_expected = grid.seeds * len(grid.lrs) * len(grid.regimes)
+    complete = len(records) == cells_expected
     lines = [
         f"# Regime × learning-rate sweep on the toy ({grid.steps} steps × 32 prompts × 8 samples, "
         f"{grid.seeds} seed(s); final: greedy held-out accuracy on {grid.problems} toy test problems)",
+        *(
+            []
+            if complete
+            else ["", f"**Partial: {len(records)} of {cells_expected} runs recorded; (n) = seeds in a cell.**"]
+        ),
         "",
         f"2-core CPU sandbox; load average at the end {load_average()}; {grid.parallel} run(s) at once, cells "
         "interleaved per seed, so contention hits every regime alike. Seed model: "
         f"{100 * seed_acc[0]:.1f} %. Final held-out accuracy, mean ± standard error over seeds; in brackets the "
-        f"best point of the mean curve ({measure}), which the plots and the time to target use.",
+        f"best point of the mean curve after step 0 ({measure}), which the plots and the time to target use.",
         "",
         "| regime | " + " | ".join(f"lr {lr:g}" for lr in grid.lrs) + " | best lr |",
         "|---|" + "---|" * (len(grid.lrs) + 1),
@@ -173,8 +180,9 @@ def report(records: list[dict], grid: Grid) -> tuple[str, dict]:
         row = []
         for lr in grid.lrs:
             final, sem = mean_sem(finals[(label, lr)])
-            peak = max(p[2] for p in mean_curve(curves[(label, lr)]))
-            row.append(f"{100 * final:.1f} ± {100 * sem:.1f} [{100 * peak:.1f}]")
+            peak = max(p[2] for p in mean_curve(curves[(label, lr)]) if p[0] > 0)
+            seeds = "" if len(finals[(label, lr)]) == grid.seeds else f" ({len(finals[(label, lr)])})"
+            row.append(f"{100 * final:.1f} ± {100 * sem:.1f} [{100 * peak:.1f}]{seeds}")
         lines.append(f"| {label} | " + " | ".join(row) + f" | {best[label]:g} |")
     lines += ["", "The paper's ordering per learning rate (final accuracy, mean ± s.e.):", "", *ordering_lines(order)]
     lines += ["", "How answers end (last 5 steps: mean length / right answers ending with EOS):", ""]
@@ -203,6 +211,7 @@ def write_report(records: list[dict], grid: Grid) -> str:
     md, summary = report(records, grid)
     RESULTS.mkdir(parents=True, exist_ok=True)
     setup = {"steps": grid.steps, "seeds": grid.seeds, "lrs": list(grid.lrs), "problems": grid.problems}
+    setup["runs_recorded"] = len(records)
     payload = {"grid": setup, "summary": summary, "runs": records}
     (RESULTS / "sweep.json").write_text(json.dumps(payload, indent=1))
     (RESULTS / "sweep.md").write_text(md)
