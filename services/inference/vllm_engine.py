@@ -1,17 +1,16 @@
-"""The vLLM engine: every vLLM-specific line of Cadence lives in this module.
+"""The vLLM engine: with `weight_transfer.py` (its backend in vLLM's worker), every vLLM-specific line of Cadence.
 
 `VllmEngine` drives vLLM's `AsyncLLM` from an event loop on a background thread, so callers stay
 synchronous and concurrent `generate` calls (the worker and gRPC `Generate`) are batched together by vLLM.
 
-Weights change in place, never by restarting: `WeightLoaderExtension` is mixed into vLLM's worker class
-(`worker_extension_cls`) and reached through `collective_rpc`. RPC arguments cross a process boundary and
+Weights change in place, never by restarting, through vLLM's weight-transfer API: the engine is built with
+`weight_transfer_config={"backend": "cadence"}` (`weight_transfer.py`, the worker-side engine) and drives
+`start_weight_update` / `update_weights` / `finish_weight_update`. RPC arguments cross a process boundary and
 cannot carry tensors, and pickling hundreds of MB through vLLM's RPC is slow (SmolLM2-135M: 11 s here), so
 the tensors are written once into a safetensors file in shared memory (/dev/shm; the temp dir where it is
-missing or too small), only its path crosses the RPC, and the extension memory-maps it and feeds the
-worker's `reload_weights(weights_iterator=...)` — the only path that works on CPU, where the model runner
-repacks weights after loading. The prefix cache is reset afterwards, or cached KV blocks of the old
-weights would be reused. vLLM spawns an engine process: scripts that build this engine need a
-`if __name__ == "__main__":` guard.
+missing or too small) and only its path and the tensors' names, dtypes and shapes cross the RPC. The prefix
+cache is reset afterwards, or cached KV blocks of the old weights would be reused. vLLM spawns an engine
+process: scripts that build this engine need a `if __name__ == "__main__":` guard.
 """
 
 from __future__ import annotations
@@ -26,16 +25,19 @@ import tempfile
 import threading
 import uuid
 from collections.abc import Coroutine, Iterable, Iterator
+from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from cadence.errors import InvalidRequest
+from cadence.errors import ConfigError, InvalidRequest
 from cadence.inference.engine import Engine, Sample, SamplingParams
 from cadence.paths import cadence_home
 from cadence.weights import dtype_name
 
 if TYPE_CHECKING:
     import torch
+
+    from cadence.inference.weight_transfer import CadenceUpdateInfo
 
 T = TypeVar("T")
 SHARED_MEMORY = Path("/dev/shm")
@@ -46,37 +48,6 @@ def configure_vllm_environment(kv_cache_gib: float) -> None:
     os.environ.setdefault("VLLM_CACHE_ROOT", str(cadence_home() / "vllm"))
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", f"{kv_cache_gib:g}")
     os.environ.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")
-
-
-class WeightLoaderExtension:
-    """Mixed into vLLM's worker (`self` is the worker); its methods are called by name via `collective_rpc`."""
-
-    def cadence_load_weights_file(self, path: str) -> int:
-        """Reload the weights in place from a safetensors file (memory-mapped); returns how many were loaded."""
-        from safetensors import safe_open
-
-        with safe_open(path, framework="pt") as handle:
-            names = list(handle.keys())
-            self.reload_weights(weights_iterator=((name, handle.get_tensor(name)) for name in names))  # type: ignore[attr-defined]
-        _reprocess_tied_layers(self.model_runner.get_model())  # type: ignore[attr-defined]
-        return len(names)
-
-
-def _reprocess_tied_layers(model: Any) -> None:
-    """Re-run weight post-processing on layers that share their weight with another (tied embeddings).
-
-    A reload gives `lm_head` no tensor of its own (the checkpoint has none), so vLLM restores its processed
-    kernel from before — on CPU a packed copy of the *old* embedding — and logits would use stale weights.
-    """
-    owners: dict[int, list[Any]] = {}
-    for module in model.modules():
-        weight = getattr(module, "weight", None)
-        if weight is not None and getattr(module, "quant_method", None) is not None:
-            owners.setdefault(id(weight), []).append(module)
-    for modules in owners.values():
-        if len(modules) > 1:
-            for module in modules:
-                module.quant_method.process_weights_after_loading(module)
 
 
 def write_safetensors(path: Path, tensors: list[tuple[str, torch.Tensor]]) -> None:
@@ -136,6 +107,10 @@ class VllmEngine(Engine):
         from vllm import AsyncEngineArgs
         from vllm.platforms import current_platform
 
+        from cadence.inference.weight_transfer import BACKEND
+
+        _require_plugin()
+
         on_cpu = current_platform.is_cpu()
         self._args = AsyncEngineArgs(
             model=self.model_path,
@@ -150,7 +125,7 @@ class VllmEngine(Engine):
             # ("CPU Generator does not use offset" when the partial step's sample is discarded), which
             # seeded evaluations of long MATH-500 prompts hit; whole prefills only there.
             **(_whole_prefills(Path(self.model_path), max_model_len) if on_cpu else {}),
-            worker_extension_cls=f"{__name__}.{WeightLoaderExtension.__qualname__}",
+            weight_transfer_config={"backend": BACKEND},
             disable_log_stats=True,
         )
         self._checkpoint = _checkpoint_shapes(Path(self.model_path))
@@ -202,17 +177,56 @@ class VllmEngine(Engine):
         path = Path(name)
         try:
             write_safetensors(path, checked)
-            self._run(self._reload(path))
+            # A handoff the worker refuses (its file differs from what was declared) leaves the model untouched.
+            self._run(self._transfer(update_info(checked, path)))
         finally:
             path.unlink(missing_ok=True)
 
-    async def _reload(self, path: Path) -> None:
-        await self._llm.collective_rpc("cadence_load_weights_file", args=(str(path),))
-        await self._llm.reset_prefix_cache()
+    def join_broadcast(self, init_info: dict[str, Any]) -> None:
+        """Join the trainer's NCCL group (`BroadcastGroup.init_info`); GPU only (vLLM's `nccl` backend)."""
+        from vllm.distributed.weight_transfer.base import WeightTransferInitRequest
+
+        self._run(self._llm.init_weight_transfer_engine(WeightTransferInitRequest(init_info=init_info)))
+
+    def load_broadcast(self, info: CadenceUpdateInfo, version: int) -> None:
+        """Receive `version` from the trainer's broadcast (`info.path` None) over the joined group.
+
+        Called on every member while the trainer broadcasts; like `load_weights`, waits for generate calls and
+        sets the version to -1 if the broadcast fails midway (the replica then fetches from the broker).
+        """
+        if info.path is not None:
+            raise InvalidRequest("a broadcast update carries no handoff path")
+        with self._lock.write():
+            previous, self._version = self._version, -1
+            try:
+                self._run(self._transfer(info))
+            except InvalidRequest:
+                self._version = previous
+                raise
+            self._version = version
+
+    async def _transfer(self, info: CadenceUpdateInfo) -> None:
+        from vllm.distributed.weight_transfer.base import WeightTransferUpdateRequest
+
+        from cadence.inference.weight_transfer import REFUSED
+
+        await self._llm.start_weight_update()
+        try:
+            await self._llm.update_weights(WeightTransferUpdateRequest(update_info=asdict(info)))
+        except Exception as exc:  # vLLM's RPC returns the worker's error as text only
+            if REFUSED in str(exc):  # the worker ended the session before touching the model
+                raise InvalidRequest(str(exc)) from exc
+            raise
+        await self._llm.finish_weight_update()
+        await self._llm.reset_prefix_cache()  # or cached KV blocks of the old weights would be reused
 
     def _checked(self, tensors: Iterable[tuple[str, torch.Tensor]]) -> Iterator[tuple[str, torch.Tensor]]:
-        """Refuse names and shapes the checkpoint does not have; drop a tied `lm_head.weight`."""
+        """Refuse names and shapes the checkpoint does not have and repeated names; drop a tied `lm_head.weight`."""
+        seen: set[str] = set()
         for name, tensor in tensors:
+            if name in seen:
+                raise InvalidRequest(f"weight {name!r} is given twice; a weight update names each tensor once")
+            seen.add(name)
             expected = self._checkpoint.get(name)
             if expected is None:
                 if name == "lm_head.weight" and "model.embed_tokens.weight" in self._checkpoint:
@@ -239,6 +253,29 @@ class VllmEngine(Engine):
             with contextlib.suppress(asyncio.CancelledError):
                 await handler
         self._llm.shutdown()
+
+
+def _require_plugin() -> None:
+    """vLLM finds the "cadence" weight-transfer backend through Cadence's installed entry point."""
+    from importlib.metadata import entry_points
+
+    if not any(ep.value.startswith("cadence.") for ep in entry_points(group="vllm.general_plugins")):
+        raise ConfigError(
+            "vLLM cannot find Cadence's weight-transfer backend: the `vllm.general_plugins` entry point is not "
+            "installed; reinstall Cadence (`pip install -e .` or `make setup`) in the environment that runs vLLM"
+        )
+
+
+def update_info(tensors: list[tuple[str, torch.Tensor]], path: Path | None) -> CadenceUpdateInfo:
+    """What the worker-side engine expects: every tensor's name, dtype and shape, in the file's order."""
+    from cadence.inference.weight_transfer import CadenceUpdateInfo
+
+    return CadenceUpdateInfo(
+        names=[name for name, _ in tensors],
+        dtype_names=[str(tensor.dtype).removeprefix("torch.") for _, tensor in tensors],
+        shapes=[list(tensor.shape) for _, tensor in tensors],
+        path=None if path is None else str(path),
+    )
 
 
 def _whole_prefills(model_dir: Path, max_model_len: int | None) -> dict[str, Any]:

