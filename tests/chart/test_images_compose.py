@@ -108,9 +108,11 @@ def test_build_recipe_installs_what_pyproject_declares() -> None:
     finally:
         sys.path.pop(0)
     project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
-    trainer = requirements(project, ["trainer", "data"])
+    trainer = requirements(project, ["trainer", "data", "verify"])
     assert not any(r.startswith("torch") for r in trainer), "torch is installed first, from its own index"
     assert any(r.startswith("deepspeed") for r in trainer) and any(r.startswith("datasets") for r in trainer)
+    assert any(r.startswith("math-verify") for r in trainer), "`cadence eval` runs in the trainer image"
+    assert "pyproject.toml trainer data verify >" in (REPO / "services" / "trainer" / "Dockerfile").read_text()
     assert set(project["dependencies"]) <= set(requirements(project, ["broker"]))
     assert not any(r.startswith(("transformers", "deepspeed")) for r in requirements(project, ["broker"]))
 

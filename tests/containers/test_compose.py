@@ -66,7 +66,7 @@ class Compose:
 
 def _writable_mounts(info: dict) -> set[str]:
     mounts = {m["Destination"] for m in info["Mounts"] if m.get("RW", True)}
-    return mounts | set(info["HostConfig"].get("Tmpfs") or {}) | {"/dev/shm"}
+    return mounts | set(info["HostConfig"].get("Tmpfs") or {})
 
 
 def _assert_hardened(compose: Compose, service: str) -> None:
@@ -74,9 +74,10 @@ def _assert_hardened(compose: Compose, service: str) -> None:
     host = info["HostConfig"]
     assert host["ReadonlyRootfs"] is True and info["Config"]["User"] == "10001:10001", service
     assert any("no-new-privileges" in o for o in host["SecurityOpt"] or []), service
-    # podman's --read-only also mounts empty tmpfs on /run and /var/tmp (Docker and Kubernetes do not): allowed
-    # here, and PROBE checks that nothing wrote to /var/tmp.
-    extra = {"/run", "/var/tmp"} if compose.engine.name == "podman" else set()
+    # Every runtime, Kubernetes included, gives a container its own /dev/shm tmpfs (64 MiB unless a chart mounts a
+    # larger one). podman's --read-only also mounts empty tmpfs on /run and /var/tmp (Docker and Kubernetes do not):
+    # allowed here, and PROBE checks that nothing wrote to /var/tmp.
+    extra = {"/dev/shm"} | ({"/run", "/var/tmp"} if compose.engine.name == "podman" else set())
     assert _writable_mounts(info) <= CHART_WRITABLE[service] | extra, (service, _writable_mounts(info))
     container = compose.container(service)
     if service != "trainer-cpu" or info["State"]["Running"]:
@@ -146,9 +147,10 @@ def test_compose_cpu_profile_trains_a_toy_run(compose: Compose, engine: Engine) 
     assert code == "0", compose("logs", "--no-color", "--tail", "80", "trainer-cpu").stdout
 
     before = compose.eval_json("tiny")
-    after = compose.eval_json("/var/lib/cadence/runs")
+    run_dir = f"/var/lib/cadence/runs/{RUN_ID}"  # the trainer's CADENCE_RUN_DIR is the root of the run folders
+    after = compose.eval_json(f"{run_dir}/final")
     metrics = compose(
-        "run", "--rm", "--no-deps", "--entrypoint", "cat", "trainer-cpu", "/var/lib/cadence/runs/metrics.jsonl"
+        "run", "--rm", "--no-deps", "--entrypoint", "cat", "trainer-cpu", f"{run_dir}/metrics.jsonl"
     ).stdout.splitlines()
     assert len([line for line in metrics if line.startswith("{")]) >= TOY["steps"] // 2
     assert before["problems"] == after["problems"] == TOY["eval"]["max_problems"]
