@@ -3,7 +3,9 @@
 - A step's batch is `batch_prompts` prompts (the paper counts batches in prompts), read from `scored`
   by the intake (`intake.py`: the cadence rule's admission, rejects, duplicates).
 - Weights go to the broker at the schedule's publish points, every s steps (`schedule.py`, `publishing.py`); the
-  reference and GRPO's π_old move at its sync points. The loop does not wait for anyone to fetch the weights.
+  reference and GRPO's π_old move at its sync points. The loop does not wait for anyone to fetch the weights,
+  and the prompts they allow go out at once, before the step's records and checkpoint (at s = 1 the
+  generator has nothing else to do).
 - Crash consistency: scored entries are acknowledged only once a checkpoint covering them is written (and
   then every stream's finished entries are trimmed, `retention.py`),
   so a restarted trainer re-reads exactly the samples of the steps it lost and replays them; versions the
@@ -81,6 +83,7 @@ class TrainLoop:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.retention = StreamRetention(client, run_id, self.run_dir)
         self.tensorboard: Any = None  # opened at the first step
+        self.ended: float | None = None  # monotonic time the last step ended (its weights out, next prompts out)
 
     def request_stop(self, reason: str) -> None:
         """Checkpoint and stop after the step in progress (a step still waiting for samples is abandoned)."""
@@ -112,8 +115,10 @@ class TrainLoop:
             _truncate_after(self.run_dir / name, self.status.step)
 
     def _one_step(self) -> bool:
+        """One step; its clock starts where the previous step's ended (`ended`), so the steps' `step_time`s add
+        up to the run's wall time and the previous step's records and checkpoint count as this one's wait."""
         step = self.status.step
-        started = time.monotonic()
+        started = self.ended if self.ended is not None else time.monotonic()
         groups = self._collect(step)
         if groups is None:
             return False
@@ -125,9 +130,12 @@ class TrainLoop:
         computed = time.monotonic()
         if sync.publish:
             self._publish(state, step + 1)
-        published = time.monotonic()
         self.status.step = step + 1
-        self._record(step, groups, metrics, waited, computed - started - waited, published - computed, started)
+        # The next prompts go out before anything else: at s = 1 the generator idles until they do, while the
+        # records and the checkpoint below are the trainer's own work (a crash here is a crash in `_collect`).
+        self.feeder.top_up(self.status.step, self.status.version)
+        self.ended = time.monotonic()
+        self._record(step, groups, metrics, waited, computed - started - waited, self.ended - computed)
         if self.config.checkpoint_every and self.status.step % self.config.checkpoint_every == 0:
             self._checkpoint()
         return True
@@ -198,10 +206,10 @@ class TrainLoop:
     # -- records -----------------------------------------------------------------------------------------
 
     def _record(
-        self, step: int, groups: list[Group], metrics: dict, wait: float, compute: float, publish: float, start: float
+        self, step: int, groups: list[Group], metrics: dict, wait: float, compute: float, publish: float
     ) -> None:
         """Append the step's metrics row and ledger line, export the row, and log it."""
-        row = self._row(step, groups, metrics, wait, compute, publish, start)
+        row = self._row(step, groups, metrics, wait, compute, publish)
         _append(self.run_dir / "metrics.jsonl", row)
         ledger = {
             "step": step,
@@ -225,7 +233,7 @@ class TrainLoop:
         )
 
     def _row(
-        self, step: int, groups: list[Group], metrics: dict, wait: float, compute: float, publish: float, start: float
+        self, step: int, groups: list[Group], metrics: dict, wait: float, compute: float, publish: float
     ) -> dict[str, Any]:
         """A step's line of `metrics.jsonl`: the update's metrics, the batch's dynamics and the step's timings."""
         rewards = [r for g in groups for r in g.rewards]
@@ -253,7 +261,7 @@ class TrainLoop:
             "time_wait": wait,
             "time_compute": compute,
             "time_publish": publish,
-            "step_time": time.monotonic() - start,
+            "step_time": wait + compute + publish,
             **self.intake.stage_times(step),
             **{k: v for k, v in metrics.items() if k not in ("loss", "pairs_kept", "pairs_skipped")},
         }

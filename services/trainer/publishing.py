@@ -29,14 +29,18 @@ class Publisher:
 
     def __init__(self, transport: Any, stop_requested: threading.Event) -> None:
         self.transport, self.stop_requested = transport, stop_requested
+        self.published: int | None = None  # the newest version this process uploaded (not one it skipped)
 
     def publish(self, state: dict, version: int) -> None:
-        """Upload `version` unless the broker already holds it (a replay after a restart)."""
-        latest = self._latest_version()
+        """Upload `version` unless the broker already holds it (a replay after a restart). Once this process
+        has uploaded a version, every newer one is its own to upload: no need to ask (a round trip per sync)."""
+        ours = self.published is not None and version > self.published
+        latest = None if ours else self._latest_version()
         if latest is not None and latest >= version:
             log.warning("version %d already published (broker has %d); not publishing it again", version, latest)
         else:
             self.patiently(lambda: self.transport.publish(state, version), f"publish version {version}")
+            self.published = version
 
     def republish_if_lost(self, version: int, gather: Callable[[], dict]) -> None:
         """A broker restarted without a persistent store has lost our newest version, and workers that need it

@@ -27,6 +27,7 @@ from cadence.tasks import load_problems
 from cadence.trainer.engine import TrainEngine
 from cadence.trainer.feeder import Feeder, PromptPlan
 from cadence.trainer.loop import TrainLoop
+from cadence.trainer.publishing import Publisher
 from cadence.trainer.retention import archived
 from cadence.v1 import common_pb2
 
@@ -286,3 +287,47 @@ def test_keep_checkpoints_sets_how_many_stay_on_the_volume(
     with BrokerClient(broker_target, "loop") as broker:
         make_loop(untrained_tiny_model_dir, config, redis_url, broker, tmp_path).run()
     assert sorted(p.name for p in (tmp_path / "checkpoints").glob("step-*")) == kept
+
+
+def test_online_releases_the_next_prompts_before_its_records_and_checkpoint(
+    generator: Generator, redis_url: str, broker_target: str, untrained_tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    """s = 1 with a checkpoint every step: step t + 1's prompts are in the stream before the checkpoint after
+    step t is written (at s = 1 the generator would idle through it), and each step's clock starts where the
+    previous one's ended, so the checkpoint counts in the next step's wait."""
+    config = run_config(sync_every=1, steps=4, checkpoint_every=1, keep_checkpoints=4)
+    generator.bad_step = None
+    with BrokerClient(broker_target, "loop") as broker:
+        make_loop(untrained_tiny_model_dir, config, redis_url, broker, tmp_path).run()
+    released: dict[int, float] = {}
+    for entry_id, prompt_id in archived(tmp_path, "prompts").items():
+        step = int(prompt_id[1:].split(".")[0])
+        released[step] = min(released.get(step, float("inf")), int(entry_id.split("-")[0]) / 1000)
+    for step in range(1, 4):
+        written = max(p.stat().st_mtime for p in (tmp_path / "checkpoints" / f"step-{step}").rglob("*"))
+        assert released[step] < written, f"step {step}'s prompts waited for the checkpoint before them"
+    for row in read_jsonl(tmp_path / "metrics.jsonl"):
+        assert row["step_time"] == pytest.approx(row["time_wait"] + row["time_compute"] + row["time_publish"])
+
+
+class CountingClient(BrokerClient):
+    """The real client, counting the `Latest` calls it makes."""
+
+    asked = 0
+
+    def latest(self) -> Any:
+        self.asked += 1
+        return super().latest()
+
+
+def test_the_publisher_asks_the_broker_only_until_it_has_uploaded_a_version(broker_target: str) -> None:
+    """A restarted trainer replaying versions 2–3 (an earlier process published 3) skips them after asking;
+    once it has uploaded 4 itself, 5 and 6 go up without a `Latest` round trip each."""
+    state = {"w": torch.zeros(8)}
+    with CountingClient(broker_target, "pub") as client:
+        client.publish(state, 3)
+        publisher = Publisher(client, threading.Event())
+        for version in range(2, 7):
+            publisher.publish(state, version)
+        assert client.asked == 3
+        assert [info.version for info in client.status().versions if info.run_id == "pub"][-1] == 6
