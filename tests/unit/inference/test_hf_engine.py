@@ -96,6 +96,25 @@ def test_chat_messages_go_through_the_chat_template(engine: HFEngine) -> None:
     assert prompt_input(pb) == messages
 
 
+def test_a_prompt_checked_then_generated_renders_its_template_once(
+    tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The rollout worker `prepare`s each prompt, then generates the batch: the ids are kept, not rendered
+    again; a caller changing the ids it got back changes nothing kept."""
+    fresh = HFEngine(tiny_model_dir)
+    rendered = []
+    render = fresh.tokenizer.apply_chat_template
+    monkeypatch.setattr(fresh.tokenizer, "apply_chat_template", lambda *a, **k: rendered.append(1) or render(*a, **k))
+    messages = [{"role": "user", "content": PROMPTS[1]}]
+    ids = fresh.prepare(messages, GREEDY)
+    ids.append(0)
+    completion = fresh.generate([messages], GREEDY).completions[0]
+    assert len(rendered) == 1
+    assert completion.prompt_token_ids == ids[:-1] == fresh.encode(messages)
+    fresh.encode([{"role": "user", "content": PROMPTS[2]}])
+    assert len(rendered) == 2
+
+
 def test_stop_strings_end_the_sample_and_are_cut_from_the_text(engine: HFEngine) -> None:
     full = engine.generate([PROMPTS[0]], GREEDY).completions[0].samples[0]
     stopped = engine.generate([PROMPTS[0]], SamplingParams(temperature=0.0, max_tokens=14, stop=("{",)))
