@@ -5,7 +5,8 @@
     trainer's own `update`/`execute`, then copies the weights into the engine (sync) — and repeats.
 (b) `cadence run` (separate processes on Redis streams and the broker) with s = 1, 4, 16, and s = 1 with
     async_lag = 1; per-step generation/scoring times come from the rollouts (`time_generation`,
-    `time_scoring` in metrics.jsonl), training is `time_compute`, waiting `time_wait`, sync `time_publish`.
+    `time_scoring` in metrics.jsonl), training is `time_compute`, waiting `time_wait`, sync `time_publish`;
+    the step time is wall clock, from one step's batch being complete to the next one's (Redis stream ids).
 
 Overlap efficiency = max(generation, training) per step ÷ actual step time (1.0: the slower stage alone
 sets the pace). The first steps (start-up) are left out of every mean. With async_lag = 0 the rule itself
@@ -17,6 +18,7 @@ Run: `.venv/bin/python -m bench.pipeline [--quick]` (~5 min; --quick ~1.5 min). 
 from __future__ import annotations
 
 import argparse
+import json
 import random
 import tempfile
 import time
@@ -25,6 +27,7 @@ from typing import Any
 
 from bench._common import print_table, record, row
 from bench._runs import ROOT, Run, cadence_run, load_average, mean
+from cadence.trainer.retention import archived
 
 CONFIG = "toy-semi-online-dpo"
 PHASES = ("generation", "scoring", "training", "waiting", "sync")
@@ -85,15 +88,27 @@ def sequential(steps: int, seed: int = 0) -> list[dict[str, float]]:
 
 
 def pipelined(name: str, steps: int, sync_every: int, async_lag: int) -> list[dict[str, float]]:
-    """A `cadence run` of the same steps; its per-step phase seconds from metrics.jsonl."""
+    """A `cadence run` of the same steps; its per-step phase seconds from metrics.jsonl, and its step time
+    from the wall clock (`completed`): the trainer's own clock does not see what it does between steps."""
     overrides = [f"steps={steps}", f"sync_every={sync_every}", f"async_lag={async_lag}", "eval.max_problems=1"]
     run: Run = cadence_run(name, CONFIG, overrides)
+    done = completed(run.folder)
     return [
         {"generation": m.get("time_generation", 0.0), "scoring": m.get("time_scoring", 0.0),
          "training": m["time_compute"], "waiting": m["time_wait"], "sync": m["time_publish"],
-         "step_time": m["step_time"]}
-        for m in run.metrics
+         "step_time": done[m["step"]] - done[m["step"] - 1]}
+        for m in run.metrics if m["step"] - 1 in done and m["step"] in done
     ]  # fmt: skip
+
+
+def completed(folder: Path) -> dict[int, float]:
+    """When each step's batch was complete: the Redis id (a millisecond timestamp) of its last scored entry,
+    read from the run's stream archive and ledger. The differences are the steps' wall-clock times."""
+    scored: dict[str, float] = {}
+    for entry_id, prompt_id in archived(folder, "scored").items():
+        scored[prompt_id] = max(scored.get(prompt_id, 0.0), int(entry_id.split("-")[0]) / 1000)
+    ledger = [json.loads(line) for line in (folder / "ledger.jsonl").read_text().splitlines() if line]
+    return {row["step"]: max(scored[p] for p in row["prompt_ids"]) for row in ledger if row["prompt_ids"]}
 
 
 def summarize(rows: list[dict[str, float]], warmup: int, sync_every: int = 1, async_lag: int = 0) -> dict[str, float]:
