@@ -113,7 +113,7 @@ def record_of(run: Run, grid: Grid, label: str, lr: float, seed: int) -> dict:
         values = [m[key] for m in tail if m.get(key) is not None]
         return sum(values) / len(values) if values else None
 
-    curve = held_out_curve(run, grid) if grid.curves == "heldout" else train_curve(run)
+    curve = held_out_curve(run, grid, seed) if grid.curves == "heldout" else train_curve(run)
     return {
         "label": label,
         "lr": lr,
@@ -139,8 +139,9 @@ def train_curve(run: Run, window: int = 5) -> Curve:
     return curve
 
 
-def held_out_curve(run: Run, grid: Grid) -> Curve:
-    """Greedy held-out accuracy at the seed, each checkpoint and the end, with training seconds."""
+def held_out_curve(run: Run, grid: Grid, seed: int) -> Curve:
+    """Greedy held-out accuracy at the seed, each checkpoint and the end, with training seconds; on the
+    problems the run's own evaluations drew (they depend on the run's seed)."""
     import torch
 
     from cadence.app.evaluation import load_eval_problems
@@ -149,7 +150,7 @@ def held_out_curve(run: Run, grid: Grid) -> Curve:
     times = [0.0]
     for metric in run.metrics:
         times.append(times[-1] + metric["step_time"])
-    problems = load_eval_problems("toy", "test", grid.problems, seed=0)
+    problems = load_eval_problems("toy", "test", grid.problems, seed=seed)
     curve = [(0, 0.0, run.before["accuracy"])]
     folders = sorted((run.folder / "checkpoints").glob("step-*"), key=lambda p: int(p.name.split("-")[1]))
     with open_sampler("hf", run.folder / "final") as sampler:
