@@ -13,6 +13,7 @@ sets the pace). The first steps (start-up) are left out of every mean. With asyn
 caps it below 1 (the pipeline drains at every sync); `rule bound` is that cap for the measured stage times.
 
 Run: `.venv/bin/python -m bench.pipeline [--quick]` (~5 min; --quick ~1.5 min). Writes bench/results/pipeline.json.
+Where an online step's time goes beyond the stages, hop by hop: `bench.trace` on one run.
 """
 
 from __future__ import annotations
