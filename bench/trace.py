@@ -24,17 +24,18 @@ import re
 import statistics
 from pathlib import Path
 
+from cadence.streams import Kind
 from cadence.trainer.retention import archived
 
 LOADED = re.compile(r"loaded policy version (\d+)")
 
 
-def stamps(folder: Path, kind: str) -> dict[int, list[float]]:
+def stamps(folder: Path, kind: Kind) -> dict[int, list[float]]:
     """Per step, the Redis times (s) of its entries in the archived `kind` stream."""
     ledger = [json.loads(line) for line in (folder / "ledger.jsonl").read_text().splitlines() if line]
     step_of = {prompt_id: row["step"] for row in ledger for prompt_id in row["prompt_ids"]}
     out: dict[int, list[float]] = {}
-    for entry_id, prompt_id in archived(folder, kind).items():  # type: ignore[arg-type]
+    for entry_id, prompt_id in archived(folder, kind).items():
         if prompt_id in step_of:
             out.setdefault(step_of[prompt_id], []).append(int(entry_id.split("-")[0]) / 1000)
     return out
