@@ -82,7 +82,8 @@ def run_grid(grid: Grid, resume: bool = False) -> list[dict]:
                 keys.append((label, lr, seed))
     RESULTS.mkdir(parents=True, exist_ok=True)
     kept = [r for r in read_records() if _same_cell(r, grid, keys)] if resume and RECORDS.exists() else []
-    RECORDS.write_text("".join(json.dumps(r) + "\n" for r in kept))
+    if not resume:
+        RECORDS.write_text("")  # a resumed sweep appends, keeping records outside a narrowed grid too
     have = {(r["label"], r["lr"], r["seed"]) for r in kept}
     todo = [i for i, key in enumerate(keys) if key not in have]
     records: dict[int, dict] = {}
