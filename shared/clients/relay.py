@@ -86,9 +86,11 @@ class RelaySource:
 
     def serve(self, request: broker_pb2.FetchRequest, active: Callable[[], bool]) -> Iterator[object]:
         """The manifest, then pre-framed chunks from `request.offset` on, as the broker's `Fetch` sends them."""
-        with self._cond:
-            held = self._pick(request)
-        if held is None or (held.manifest.run_id, held.manifest.version) != (request.run_id, request.version):
+        deadline = time.monotonic() + self.wait_seconds
+        with self._cond:  # routed here as soon as this relay asked for the version: its fetch may not have begun
+            while _awaits(held := self._pick(request), request) and active() and time.monotonic() < deadline:
+                self._cond.wait(0.5)
+        if held is None or not _holds(held, request):
             what = "nothing" if held is None else f"version {held.manifest.version} of run {held.manifest.run_id!r}"
             raise VersionNotFound(
                 f"this replica relays {what}, not version {request.version} of run {request.run_id!r}; "
@@ -127,6 +129,15 @@ class RelaySource:
             if not active():
                 raise NotReady("the fetch was cancelled")
             return weights_wire.frame(memoryview(held.buffer)[start:end], start)
+
+
+def _holds(held: _Held | None, request: broker_pb2.FetchRequest) -> bool:
+    return held is not None and (held.manifest.run_id, held.manifest.version) == (request.run_id, request.version)
+
+
+def _awaits(held: _Held | None, request: broker_pb2.FetchRequest) -> bool:
+    """Not there yet, but coming: nothing held, or an older version of the run (a relay never goes back)."""
+    return held is None or (held.manifest.run_id == request.run_id and held.manifest.version < request.version)
 
 
 class RelayServer:
