@@ -28,7 +28,13 @@ CHART_WRITABLE = {
     "trainer-cpu": {"/tmp", "/var/cache/cadence", "/dev/shm", "/var/lib/cadence/runs"},
 }
 TOY = {"steps": 64, "batch_prompts": 16, "eval": {"max_problems": 200}}
-EVAL = ["eval", "--dataset", "toy", "--split", "test", "--limit", "200", "--engine", "hf"]
+TOY_CONFIG = yaml.safe_load((REPO / "configs" / "toy-semi-online-dpo.yaml").read_text())
+# The run's own answer length (the tiny model's context is 64 tokens: `cadence eval`'s default 64 does not fit).
+ANSWER_TOKENS = str(TOY_CONFIG["sampling"]["max_tokens"])
+EVAL = [
+    *("eval", "--dataset", "toy", "--split", "test", "--limit", "200", "--engine", "hf"),
+    *("--max-tokens", ANSWER_TOKENS),
+]
 
 
 class Compose:
@@ -100,7 +106,7 @@ def _health(compose: Compose, service: str) -> str:
 def compose(engine: Engine, images: dict[str, str], redis_image: str, tmp_path: Path):
     configs = tmp_path / "configs"
     configs.mkdir()
-    config = yaml.safe_load((REPO / "configs" / "toy-semi-online-dpo.yaml").read_text())
+    config = {**TOY_CONFIG, "eval": dict(TOY_CONFIG["eval"])}
     config.update({k: v for k, v in TOY.items() if k != "eval"})
     config["eval"].update(TOY["eval"])
     (configs / "toy.yaml").write_text(yaml.safe_dump(config))
