@@ -16,6 +16,7 @@ from google.protobuf.message import Message
 from prometheus_client import Counter, Gauge, Histogram
 
 from cadence import weights_delta
+from cadence.broker.groups import Group, GroupTable
 from cadence.broker.relay import RelayTable
 from cadence.broker.store import Payload, Reader, WeightStore, check_run_id
 from cadence.errors import IntegrityError, InvalidRequest, NotFound, Overloaded
@@ -41,6 +42,7 @@ FETCH_RESUMES = Counter("cadence_broker_fetch_resumes", "Fetches that resumed fr
 DELTA_FETCHES = Counter("cadence_broker_delta_fetches", "Fetches served as a delta against the fetcher's version")
 ROUTES = Counter("cadence_broker_routes", "Fetch routes handed out, by upstream", ["upstream"])
 RELAYS = Gauge("cadence_broker_relays", "Replicas registered as relays of a held version")
+GROUP_MEMBERS = Gauge("cadence_broker_group_members", "Replicas in the current broadcast groups")
 
 
 Frame = common_pb2.WeightManifest | DataChunk | None  # what `cadence.weights_wire.decode` yields
@@ -54,9 +56,11 @@ class BrokerServicer(broker_pb2_grpc.BrokerServicer):
         self.max_streams = max_streams
         self.poll_seconds = poll_seconds
         self.relays = RelayTable()
+        self.groups = GroupTable()
         self._bytes_out = 0  # what BYTES_OUT counts, for Status (a metric's value is not for reading back)
         self._bytes_out_lock = threading.Lock()
         RELAYS.set_function(self.relays.count)
+        GROUP_MEMBERS.set_function(self.groups.count)
         VERSIONS.set_function(lambda: len(self.store.versions()))
         STORED_BYTES.set_function(lambda: self.store.stats().stored_bytes)
         STAGING_BYTES.set_function(lambda: self.store.stats().staging_bytes)
@@ -164,6 +168,29 @@ class BrokerServicer(broker_pb2_grpc.BrokerServicer):
         ROUTES.labels(upstream="relay" if upstream else "broker").inc()
         return broker_pb2.FetchRoute(manifest=manifest, upstream=upstream)
 
+    def JoinGroup(
+        self, request: broker_pb2.JoinGroupRequest, context: grpc.ServicerContext
+    ) -> broker_pb2.BroadcastGroup:
+        """A replica joins the broadcast group; the group carrying `version`, its rank, and (a member) the manifest."""
+        run_id = check_run_id(request.run_id)
+        failed = request.failed_epoch if request.HasField("failed_epoch") else None
+        group, rank = self.groups.join(run_id, request.replica, request.version, failed, request.leave)
+        answer = _group_pb(group, request.version, rank)
+        if rank > 0:
+            with self.store.open(run_id, request.version) as reader:
+                manifest = reader.manifest
+                answer.manifest.CopyFrom(weights_delta.full(manifest) if weights_delta.is_delta(manifest) else manifest)
+        return answer
+
+    def FormGroup(
+        self, request: broker_pb2.FormGroupRequest, context: grpc.ServicerContext
+    ) -> broker_pb2.BroadcastGroup:
+        """The trainer: the group that takes `version` by broadcast (`cadence.broker.groups`)."""
+        failed = request.failed_epoch if request.HasField("failed_epoch") else None
+        run_id = check_run_id(request.run_id)
+        group = self.groups.form(run_id, request.version, request.master_addr, request.backend, failed)
+        return _group_pb(group, request.version, 0 if group.members else -1)
+
     def Status(self, request: broker_pb2.BrokerStatusRequest, context: grpc.ServicerContext) -> broker_pb2.BrokerStatus:
         stats = self.store.stats()
         return broker_pb2.BrokerStatus(
@@ -174,6 +201,7 @@ class BrokerServicer(broker_pb2_grpc.BrokerServicer):
             retain=stats.retain,
             bytes_out=self._bytes_out,
             relays=self.relays.count(),
+            group_members=self.groups.count(),
         )
 
     def _admit_stream(self, method: str) -> None:
@@ -215,6 +243,16 @@ def add_to_server(servicer: BrokerServicer, server: grpc.Server) -> None:
         "Route": grpc.unary_unary_rpc_method_handler(
             servicer.Route, request_deserializer=broker_pb2.RouteRequest.FromString, response_serializer=_serialize
         ),
+        "JoinGroup": grpc.unary_unary_rpc_method_handler(
+            servicer.JoinGroup,
+            request_deserializer=broker_pb2.JoinGroupRequest.FromString,
+            response_serializer=_serialize,
+        ),
+        "FormGroup": grpc.unary_unary_rpc_method_handler(
+            servicer.FormGroup,
+            request_deserializer=broker_pb2.FormGroupRequest.FromString,
+            response_serializer=_serialize,
+        ),
     }
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler("cadence.v1.Broker", handlers),))
 
@@ -224,6 +262,17 @@ def _sends_delta(manifest: common_pb2.WeightManifest, request: broker_pb2.FetchR
     if not (weights_delta.is_delta(manifest) and request.HasField("base_version")):
         return False
     return (request.base_version, request.base_sha256) == (manifest.delta.base_version, manifest.delta.base_sha256)
+
+
+def _group_pb(group: Group, version: int, rank: int) -> broker_pb2.BroadcastGroup:
+    return broker_pb2.BroadcastGroup(
+        epoch=group.epoch,
+        members=group.members,
+        master_addr=group.master_addr,
+        backend=group.backend,
+        version=version,
+        rank=rank,
+    )
 
 
 def _serialize(message: Message) -> bytes:

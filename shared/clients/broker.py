@@ -7,8 +7,7 @@ Dropped connections are retried with exponential backoff, and a fetch resumes fr
 Versions travel as deltas against the one before where that pays (`cadence.weights_delta`; the broker's
 README says when); what a fetch yields is always checked against the full version's digests.
 
-`make_transport(kind, ...)` picks the implementation; a same-cluster collective path (torch.distributed
-broadcast coordinated by the broker) can be added there without touching callers.
+`make_transport(kind, ...)` picks the implementation; the collective path's group calls go through `unary`.
 """
 
 from __future__ import annotations
@@ -165,16 +164,18 @@ class BrokerClient(WeightTransport):
         )
 
     def latest(self) -> VersionInfo | None:
-        request = broker_pb2.LatestRequest(run_id=self.run_id)
         try:
-            return self._call("Latest", lambda: self._stub.Latest(request, timeout=self.timeout))
+            return self.unary("Latest", broker_pb2.LatestRequest(run_id=self.run_id))
         except errors.NotFound:
             return None
 
     def status(self) -> broker_pb2.BrokerStatus:
         """Versions held, stored bytes, fetches and watches in progress."""
-        request = broker_pb2.BrokerStatusRequest()
-        return self._call("Status", lambda: self._stub.Status(request, timeout=self.timeout))
+        return self.unary("Status", broker_pb2.BrokerStatusRequest())
+
+    def unary(self, method: str, request: Any) -> Any:
+        """A unary call by name (`JoinGroup` and `FormGroup`: `cadence.broker.groups`), retried like the rest."""
+        return self._call(method, lambda: getattr(self._stub, method)(request, timeout=self.timeout))
 
     def watch(self, after_version: int = -1) -> Iterator[VersionInfo]:
         last, failures = after_version, 0

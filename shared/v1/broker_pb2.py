@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from cadence.v1 import common_pb2 as cadence_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17\x63\x61\x64\x65nce/v1/broker.proto\x12\ncadence.v1\x1a\x17\x63\x61\x64\x65nce/v1/common.proto\"\x1f\n\rLatestRequest\x12\x0e\n\x06run_id\x18\x01 \x01(\t\"5\n\x0cWatchRequest\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x15\n\rafter_version\x18\x02 \x01(\x03\"\x80\x01\n\x0c\x46\x65tchRequest\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x03\x12\x0e\n\x06offset\x18\x03 \x01(\x04\x12\x19\n\x0c\x62\x61se_version\x18\x04 \x01(\x03H\x00\x88\x01\x01\x12\x13\n\x0b\x62\x61se_sha256\x18\x05 \x01(\tB\x0f\n\r_base_version\"[\n\x0cRouteRequest\x12\'\n\x05\x66\x65tch\x18\x01 \x01(\x0b\x32\x18.cadence.v1.FetchRequest\x12\x12\n\nrelay_addr\x18\x02 \x01(\t\x12\x0e\n\x06\x66\x61iled\x18\x03 \x03(\t\"L\n\nFetchRoute\x12,\n\x08manifest\x18\x01 \x01(\x0b\x32\x1a.cadence.v1.WeightManifest\x12\x10\n\x08upstream\x18\x02 \x01(\t\"\x15\n\x13\x42rokerStatusRequest\"\xac\x01\n\x0c\x42rokerStatus\x12)\n\x08versions\x18\x01 \x03(\x0b\x32\x17.cadence.v1.VersionInfo\x12\x14\n\x0cstored_bytes\x18\x02 \x01(\x04\x12\x16\n\x0e\x61\x63tive_fetches\x18\x03 \x01(\r\x12\x10\n\x08watchers\x18\x04 \x01(\r\x12\x0e\n\x06retain\x18\x05 \x01(\r\x12\x11\n\tbytes_out\x18\x06 \x01(\x04\x12\x0e\n\x06relays\x18\x07 \x01(\r2\x81\x03\n\x06\x42roker\x12=\n\x07Publish\x12\x17.cadence.v1.WeightChunk\x1a\x17.cadence.v1.VersionInfo(\x01\x12<\n\x06Latest\x12\x19.cadence.v1.LatestRequest\x1a\x17.cadence.v1.VersionInfo\x12<\n\x05Watch\x12\x18.cadence.v1.WatchRequest\x1a\x17.cadence.v1.VersionInfo0\x01\x12<\n\x05\x46\x65tch\x12\x18.cadence.v1.FetchRequest\x1a\x17.cadence.v1.WeightChunk0\x01\x12\x43\n\x06Status\x12\x1f.cadence.v1.BrokerStatusRequest\x1a\x18.cadence.v1.BrokerStatus\x12\x39\n\x05Route\x12\x18.cadence.v1.RouteRequest\x1a\x16.cadence.v1.FetchRouteb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17\x63\x61\x64\x65nce/v1/broker.proto\x12\ncadence.v1\x1a\x17\x63\x61\x64\x65nce/v1/common.proto\"\x1f\n\rLatestRequest\x12\x0e\n\x06run_id\x18\x01 \x01(\t\"5\n\x0cWatchRequest\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x15\n\rafter_version\x18\x02 \x01(\x03\"\x80\x01\n\x0c\x46\x65tchRequest\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x03\x12\x0e\n\x06offset\x18\x03 \x01(\x04\x12\x19\n\x0c\x62\x61se_version\x18\x04 \x01(\x03H\x00\x88\x01\x01\x12\x13\n\x0b\x62\x61se_sha256\x18\x05 \x01(\tB\x0f\n\r_base_version\"[\n\x0cRouteRequest\x12\'\n\x05\x66\x65tch\x18\x01 \x01(\x0b\x32\x18.cadence.v1.FetchRequest\x12\x12\n\nrelay_addr\x18\x02 \x01(\t\x12\x0e\n\x06\x66\x61iled\x18\x03 \x03(\t\"L\n\nFetchRoute\x12,\n\x08manifest\x18\x01 \x01(\x0b\x32\x1a.cadence.v1.WeightManifest\x12\x10\n\x08upstream\x18\x02 \x01(\t\"\x7f\n\x10JoinGroupRequest\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x0f\n\x07replica\x18\x02 \x01(\t\x12\x0f\n\x07version\x18\x03 \x01(\x03\x12\x19\n\x0c\x66\x61iled_epoch\x18\x04 \x01(\x03H\x00\x88\x01\x01\x12\r\n\x05leave\x18\x05 \x01(\x08\x42\x0f\n\r_failed_epoch\"\x85\x01\n\x10\x46ormGroupRequest\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x03\x12\x13\n\x0bmaster_addr\x18\x03 \x01(\t\x12\x19\n\x0c\x66\x61iled_epoch\x18\x04 \x01(\x03H\x00\x88\x01\x01\x12\x0f\n\x07\x62\x61\x63kend\x18\x05 \x01(\tB\x0f\n\r_failed_epoch\"\xa3\x01\n\x0e\x42roadcastGroup\x12\r\n\x05\x65poch\x18\x01 \x01(\x03\x12\x0f\n\x07members\x18\x02 \x03(\t\x12\x13\n\x0bmaster_addr\x18\x03 \x01(\t\x12\x0f\n\x07\x62\x61\x63kend\x18\x04 \x01(\t\x12\x0f\n\x07version\x18\x05 \x01(\x03\x12\x0c\n\x04rank\x18\x06 \x01(\x05\x12,\n\x08manifest\x18\x07 \x01(\x0b\x32\x1a.cadence.v1.WeightManifest\"\x15\n\x13\x42rokerStatusRequest\"\xc3\x01\n\x0c\x42rokerStatus\x12)\n\x08versions\x18\x01 \x03(\x0b\x32\x17.cadence.v1.VersionInfo\x12\x14\n\x0cstored_bytes\x18\x02 \x01(\x04\x12\x16\n\x0e\x61\x63tive_fetches\x18\x03 \x01(\r\x12\x10\n\x08watchers\x18\x04 \x01(\r\x12\x0e\n\x06retain\x18\x05 \x01(\r\x12\x11\n\tbytes_out\x18\x06 \x01(\x04\x12\x0e\n\x06relays\x18\x07 \x01(\r\x12\x15\n\rgroup_members\x18\x08 \x01(\r2\x8f\x04\n\x06\x42roker\x12=\n\x07Publish\x12\x17.cadence.v1.WeightChunk\x1a\x17.cadence.v1.VersionInfo(\x01\x12<\n\x06Latest\x12\x19.cadence.v1.LatestRequest\x1a\x17.cadence.v1.VersionInfo\x12<\n\x05Watch\x12\x18.cadence.v1.WatchRequest\x1a\x17.cadence.v1.VersionInfo0\x01\x12<\n\x05\x46\x65tch\x12\x18.cadence.v1.FetchRequest\x1a\x17.cadence.v1.WeightChunk0\x01\x12\x43\n\x06Status\x12\x1f.cadence.v1.BrokerStatusRequest\x1a\x18.cadence.v1.BrokerStatus\x12\x39\n\x05Route\x12\x18.cadence.v1.RouteRequest\x1a\x16.cadence.v1.FetchRoute\x12\x45\n\tJoinGroup\x12\x1c.cadence.v1.JoinGroupRequest\x1a\x1a.cadence.v1.BroadcastGroup\x12\x45\n\tFormGroup\x12\x1c.cadence.v1.FormGroupRequest\x1a\x1a.cadence.v1.BroadcastGroupb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -42,10 +42,16 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_ROUTEREQUEST']._serialized_end=374
   _globals['_FETCHROUTE']._serialized_start=376
   _globals['_FETCHROUTE']._serialized_end=452
-  _globals['_BROKERSTATUSREQUEST']._serialized_start=454
-  _globals['_BROKERSTATUSREQUEST']._serialized_end=475
-  _globals['_BROKERSTATUS']._serialized_start=478
-  _globals['_BROKERSTATUS']._serialized_end=650
-  _globals['_BROKER']._serialized_start=653
-  _globals['_BROKER']._serialized_end=1038
+  _globals['_JOINGROUPREQUEST']._serialized_start=454
+  _globals['_JOINGROUPREQUEST']._serialized_end=581
+  _globals['_FORMGROUPREQUEST']._serialized_start=584
+  _globals['_FORMGROUPREQUEST']._serialized_end=717
+  _globals['_BROADCASTGROUP']._serialized_start=720
+  _globals['_BROADCASTGROUP']._serialized_end=883
+  _globals['_BROKERSTATUSREQUEST']._serialized_start=885
+  _globals['_BROKERSTATUSREQUEST']._serialized_end=906
+  _globals['_BROKERSTATUS']._serialized_start=909
+  _globals['_BROKERSTATUS']._serialized_end=1104
+  _globals['_BROKER']._serialized_start=1107
+  _globals['_BROKER']._serialized_end=1634
 # @@protoc_insertion_point(module_scope)

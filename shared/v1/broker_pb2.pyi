@@ -158,6 +158,127 @@ class FetchRoute(_message.Message):
 Global___FetchRoute: _TypeAlias = FetchRoute  # noqa: Y015
 
 @_typing.final
+class JoinGroupRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RUN_ID_FIELD_NUMBER: _builtins.int
+    REPLICA_FIELD_NUMBER: _builtins.int
+    VERSION_FIELD_NUMBER: _builtins.int
+    FAILED_EPOCH_FIELD_NUMBER: _builtins.int
+    LEAVE_FIELD_NUMBER: _builtins.int
+    run_id: _builtins.str
+    replica: _builtins.str
+    """the replica's id (its worker id), unique in the run"""
+    version: _builtins.int
+    """the version it is about to take; -1 to join only"""
+    failed_epoch: _builtins.int
+    """it failed this epoch's broadcast: the group re-forms at a later epoch"""
+    leave: _builtins.bool
+    """leave the group (a replica shutting down)"""
+    def __init__(
+        self,
+        *,
+        run_id: _builtins.str = ...,
+        replica: _builtins.str = ...,
+        version: _builtins.int = ...,
+        failed_epoch: _builtins.int | None = ...,
+        leave: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_failed_epoch", b"_failed_epoch", "failed_epoch", b"failed_epoch"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_failed_epoch", b"_failed_epoch", "failed_epoch", b"failed_epoch", "leave", b"leave", "replica", b"replica", "run_id", b"run_id", "version", b"version"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__failed_epoch: _TypeAlias = _typing.Literal["failed_epoch"]  # noqa: Y015
+    _WhichOneofArgType__failed_epoch: _TypeAlias = _typing.Literal["_failed_epoch", b"_failed_epoch"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__failed_epoch) -> _WhichOneofReturnType__failed_epoch | None: ...
+
+Global___JoinGroupRequest: _TypeAlias = JoinGroupRequest  # noqa: Y015
+
+@_typing.final
+class FormGroupRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RUN_ID_FIELD_NUMBER: _builtins.int
+    VERSION_FIELD_NUMBER: _builtins.int
+    MASTER_ADDR_FIELD_NUMBER: _builtins.int
+    FAILED_EPOCH_FIELD_NUMBER: _builtins.int
+    BACKEND_FIELD_NUMBER: _builtins.int
+    run_id: _builtins.str
+    version: _builtins.int
+    master_addr: _builtins.str
+    """`host:port` where the trainer (rank 0) opens a new epoch's rendezvous"""
+    failed_epoch: _builtins.int
+    """the trainer's broadcast of this epoch failed: its members must rejoin"""
+    backend: _builtins.str
+    """the collective a new epoch uses: "gloo" (CPU) or "nccl" (GPU)"""
+    def __init__(
+        self,
+        *,
+        run_id: _builtins.str = ...,
+        version: _builtins.int = ...,
+        master_addr: _builtins.str = ...,
+        failed_epoch: _builtins.int | None = ...,
+        backend: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_failed_epoch", b"_failed_epoch", "failed_epoch", b"failed_epoch"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_failed_epoch", b"_failed_epoch", "backend", b"backend", "failed_epoch", b"failed_epoch", "master_addr", b"master_addr", "run_id", b"run_id", "version", b"version"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__failed_epoch: _TypeAlias = _typing.Literal["failed_epoch"]  # noqa: Y015
+    _WhichOneofArgType__failed_epoch: _TypeAlias = _typing.Literal["_failed_epoch", b"_failed_epoch"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__failed_epoch) -> _WhichOneofReturnType__failed_epoch | None: ...
+
+Global___FormGroupRequest: _TypeAlias = FormGroupRequest  # noqa: Y015
+
+@_typing.final
+class BroadcastGroup(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    EPOCH_FIELD_NUMBER: _builtins.int
+    MEMBERS_FIELD_NUMBER: _builtins.int
+    MASTER_ADDR_FIELD_NUMBER: _builtins.int
+    BACKEND_FIELD_NUMBER: _builtins.int
+    VERSION_FIELD_NUMBER: _builtins.int
+    RANK_FIELD_NUMBER: _builtins.int
+    MANIFEST_FIELD_NUMBER: _builtins.int
+    epoch: _builtins.int
+    """0: no group, every replica fetches from the broker"""
+    master_addr: _builtins.str
+    """the rendezvous `host:port` of this epoch"""
+    backend: _builtins.str
+    """"gloo" or "nccl" """
+    version: _builtins.int
+    """the version this answer is about"""
+    rank: _builtins.int
+    """JoinGroup: the asker's rank in the group carrying `version`; -1: fetch it"""
+    @_builtins.property
+    def members(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """replicas at ranks 1.. in this order; the trainer is rank 0"""
+
+    @_builtins.property
+    def manifest(self) -> _common_pb2.WeightManifest:
+        """JoinGroup, for a member: `version`'s full manifest, to check against"""
+
+    def __init__(
+        self,
+        *,
+        epoch: _builtins.int = ...,
+        members: _abc.Iterable[_builtins.str] | None = ...,
+        master_addr: _builtins.str = ...,
+        backend: _builtins.str = ...,
+        version: _builtins.int = ...,
+        rank: _builtins.int = ...,
+        manifest: _common_pb2.WeightManifest | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["manifest", b"manifest"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["backend", b"backend", "epoch", b"epoch", "manifest", b"manifest", "master_addr", b"master_addr", "members", b"members", "rank", b"rank", "version", b"version"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___BroadcastGroup: _TypeAlias = BroadcastGroup  # noqa: Y015
+
+@_typing.final
 class BrokerStatusRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -183,6 +304,7 @@ class BrokerStatus(_message.Message):
     RETAIN_FIELD_NUMBER: _builtins.int
     BYTES_OUT_FIELD_NUMBER: _builtins.int
     RELAYS_FIELD_NUMBER: _builtins.int
+    GROUP_MEMBERS_FIELD_NUMBER: _builtins.int
     stored_bytes: _builtins.int
     active_fetches: _builtins.int
     watchers: _builtins.int
@@ -191,6 +313,8 @@ class BrokerStatus(_message.Message):
     """payload bytes sent by Fetch since the broker started (its egress)"""
     relays: _builtins.int
     """replicas registered as relays of a held version"""
+    group_members: _builtins.int
+    """replicas in the current broadcast groups, all runs"""
     @_builtins.property
     def versions(self) -> _containers.RepeatedCompositeFieldContainer[_common_pb2.VersionInfo]: ...
     def __init__(
@@ -203,10 +327,11 @@ class BrokerStatus(_message.Message):
         retain: _builtins.int = ...,
         bytes_out: _builtins.int = ...,
         relays: _builtins.int = ...,
+        group_members: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["active_fetches", b"active_fetches", "bytes_out", b"bytes_out", "relays", b"relays", "retain", b"retain", "stored_bytes", b"stored_bytes", "versions", b"versions", "watchers", b"watchers"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["active_fetches", b"active_fetches", "bytes_out", b"bytes_out", "group_members", b"group_members", "relays", b"relays", "retain", b"retain", "stored_bytes", b"stored_bytes", "versions", b"versions", "watchers", b"watchers"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

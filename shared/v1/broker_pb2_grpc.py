@@ -66,6 +66,16 @@ class BrokerStub:
                 request_serializer=cadence_dot_v1_dot_broker__pb2.RouteRequest.SerializeToString,
                 response_deserializer=cadence_dot_v1_dot_broker__pb2.FetchRoute.FromString,
                 _registered_method=True)
+        self.JoinGroup = channel.unary_unary(
+                '/cadence.v1.Broker/JoinGroup',
+                request_serializer=cadence_dot_v1_dot_broker__pb2.JoinGroupRequest.SerializeToString,
+                response_deserializer=cadence_dot_v1_dot_broker__pb2.BroadcastGroup.FromString,
+                _registered_method=True)
+        self.FormGroup = channel.unary_unary(
+                '/cadence.v1.Broker/FormGroup',
+                request_serializer=cadence_dot_v1_dot_broker__pb2.FormGroupRequest.SerializeToString,
+                response_deserializer=cadence_dot_v1_dot_broker__pb2.BroadcastGroup.FromString,
+                _registered_method=True)
 
 
 class BrokerServicer:
@@ -115,6 +125,22 @@ class BrokerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def JoinGroup(self, request, context):
+        """Collective path (`cadence.broker.groups`): a replica joins the trainer's broadcast group and asks who takes
+        `version` by broadcast: the group that carries it, its rank there, and the manifest to check it against.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def FormGroup(self, request, context):
+        """The trainer, before it publishes `version`: the group that will take it by broadcast (a new epoch when the
+        replicas that joined differ from the current members, or the current epoch failed).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_BrokerServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -147,6 +173,16 @@ def add_BrokerServicer_to_server(servicer, server):
                     servicer.Route,
                     request_deserializer=cadence_dot_v1_dot_broker__pb2.RouteRequest.FromString,
                     response_serializer=cadence_dot_v1_dot_broker__pb2.FetchRoute.SerializeToString,
+            ),
+            'JoinGroup': grpc.unary_unary_rpc_method_handler(
+                    servicer.JoinGroup,
+                    request_deserializer=cadence_dot_v1_dot_broker__pb2.JoinGroupRequest.FromString,
+                    response_serializer=cadence_dot_v1_dot_broker__pb2.BroadcastGroup.SerializeToString,
+            ),
+            'FormGroup': grpc.unary_unary_rpc_method_handler(
+                    servicer.FormGroup,
+                    request_deserializer=cadence_dot_v1_dot_broker__pb2.FormGroupRequest.FromString,
+                    response_serializer=cadence_dot_v1_dot_broker__pb2.BroadcastGroup.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -312,6 +348,60 @@ class Broker:
             '/cadence.v1.Broker/Route',
             cadence_dot_v1_dot_broker__pb2.RouteRequest.SerializeToString,
             cadence_dot_v1_dot_broker__pb2.FetchRoute.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def JoinGroup(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/cadence.v1.Broker/JoinGroup',
+            cadence_dot_v1_dot_broker__pb2.JoinGroupRequest.SerializeToString,
+            cadence_dot_v1_dot_broker__pb2.BroadcastGroup.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def FormGroup(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/cadence.v1.Broker/FormGroup',
+            cadence_dot_v1_dot_broker__pb2.FormGroupRequest.SerializeToString,
+            cadence_dot_v1_dot_broker__pb2.BroadcastGroup.FromString,
             options,
             channel_credentials,
             insecure,

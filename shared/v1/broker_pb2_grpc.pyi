@@ -48,6 +48,14 @@ class BrokerStub:
     """Says where to fetch a version from (relay fan-out): the manifest a Fetch would send, whose digests every
     chunk is checked against, and a replica relaying it, or none for the broker; the asker becomes a relay.
     """
+    JoinGroup: _grpc.UnaryUnaryMultiCallable[_broker_pb2.JoinGroupRequest, _broker_pb2.BroadcastGroup]
+    """Collective path (`cadence.broker.groups`): a replica joins the trainer's broadcast group and asks who takes
+    `version` by broadcast: the group that carries it, its rank there, and the manifest to check it against.
+    """
+    FormGroup: _grpc.UnaryUnaryMultiCallable[_broker_pb2.FormGroupRequest, _broker_pb2.BroadcastGroup]
+    """The trainer, before it publishes `version`: the group that will take it by broadcast (a new epoch when the
+    replicas that joined differ from the current members, or the current epoch failed).
+    """
 
 @_typing.type_check_only
 class BrokerAsyncStub(BrokerStub):
@@ -67,6 +75,14 @@ class BrokerAsyncStub(BrokerStub):
     Route: _aio.UnaryUnaryMultiCallable[_broker_pb2.RouteRequest, _broker_pb2.FetchRoute]  # type: ignore[assignment]
     """Says where to fetch a version from (relay fan-out): the manifest a Fetch would send, whose digests every
     chunk is checked against, and a replica relaying it, or none for the broker; the asker becomes a relay.
+    """
+    JoinGroup: _aio.UnaryUnaryMultiCallable[_broker_pb2.JoinGroupRequest, _broker_pb2.BroadcastGroup]  # type: ignore[assignment]
+    """Collective path (`cadence.broker.groups`): a replica joins the trainer's broadcast group and asks who takes
+    `version` by broadcast: the group that carries it, its rank there, and the manifest to check it against.
+    """
+    FormGroup: _aio.UnaryUnaryMultiCallable[_broker_pb2.FormGroupRequest, _broker_pb2.BroadcastGroup]  # type: ignore[assignment]
+    """The trainer, before it publishes `version`: the group that will take it by broadcast (a new epoch when the
+    replicas that joined differ from the current members, or the current epoch failed).
     """
 
 class BrokerServicer(metaclass=_abc_1.ABCMeta):
@@ -120,6 +136,26 @@ class BrokerServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_broker_pb2.FetchRoute, _abc.Awaitable[_broker_pb2.FetchRoute]]:
         """Says where to fetch a version from (relay fan-out): the manifest a Fetch would send, whose digests every
         chunk is checked against, and a replica relaying it, or none for the broker; the asker becomes a relay.
+        """
+
+    @_abc_1.abstractmethod
+    def JoinGroup(
+        self,
+        request: _broker_pb2.JoinGroupRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_broker_pb2.BroadcastGroup, _abc.Awaitable[_broker_pb2.BroadcastGroup]]:
+        """Collective path (`cadence.broker.groups`): a replica joins the trainer's broadcast group and asks who takes
+        `version` by broadcast: the group that carries it, its rank there, and the manifest to check it against.
+        """
+
+    @_abc_1.abstractmethod
+    def FormGroup(
+        self,
+        request: _broker_pb2.FormGroupRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_broker_pb2.BroadcastGroup, _abc.Awaitable[_broker_pb2.BroadcastGroup]]:
+        """The trainer, before it publishes `version`: the group that will take it by broadcast (a new epoch when the
+        replicas that joined differ from the current members, or the current epoch failed).
         """
 
 def add_BrokerServicer_to_server(servicer: BrokerServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
