@@ -8,26 +8,7 @@ from typing import Any
 import pytest
 import yaml
 
-REPO = Path(__file__).resolve().parents[2]
-CHART = REPO / "charts" / "cadence"
-SCENARIOS = sorted(path.name.removesuffix("-values.yaml") for path in (CHART / "ci").glob("*-values.yaml"))
-NAMESPACE = "cadence"
-RELEASE = "rel"
-
-
-def render(values: dict[str, Any] | None = None, release: str = RELEASE) -> list[dict[str, Any]]:
-    """Every object the chart renders for `values` (NOTES.txt left out)."""
-    import helm_python
-
-    with helm_python.Chart.load(str(CHART)) as chart:
-        out = chart.render(values or {}, name=release, namespace=NAMESPACE, is_install=True)
-    return [
-        doc for path, text in sorted(out.items()) if path.endswith(".yaml") for doc in yaml.safe_load_all(text) if doc
-    ]
-
-
-def scenario_values(name: str) -> dict[str, Any]:
-    return yaml.safe_load((CHART / "ci" / f"{name}-values.yaml").read_text()) or {}
+from .rendering import SCENARIOS, render, scenario_values
 
 
 @pytest.fixture(scope="session")

@@ -16,9 +16,8 @@ import yaml
 
 from cadence.config import load_run_config, parse_run_config
 
-from .test_chart import CHART, container, env, find
+from .rendering import CHART, REPO, container, env, find
 
-REPO = Path(__file__).resolve().parents[2]
 GPU_SCENARIOS = ["gpu-multi-node-trainer", "gpu-single-node", "gpu-single-node-8gpu"]
 GIB = 1 << 30
 

@@ -14,7 +14,7 @@ import redis
 from cadence.net import free_port
 from cadence.trainer import retention
 
-from .test_chart import container, find
+from .rendering import container, find
 
 
 def test_the_bundled_redis_refuses_writes_when_full_instead_of_evicting(render_values, tmp_path: Path) -> None:

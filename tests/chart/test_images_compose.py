@@ -10,16 +10,13 @@ import shutil
 import subprocess
 import sys
 import tomllib
-from pathlib import Path
 
 import pytest
 import yaml
 
-REPO = Path(__file__).resolve().parents[2]
+from .rendering import CHART, CHECKOV, REPO, SCENARIOS
+
 SERVICES = ("inference", "reward", "trainer", "broker")
-CHECKOV = REPO / ".venv-tools" / "bin" / "checkov"
-CHART = REPO / "charts" / "cadence"
-SCENARIOS = sorted(path.name.removesuffix("-values.yaml") for path in (CHART / "ci").glob("*-values.yaml"))
 REQUIRED = {"CADENCE_RUN_ID": "run-1", "CADENCE_RUN_CONFIG": "toy-semi-online-dpo.yaml"}
 
 
