@@ -50,6 +50,7 @@ class _Run:
     joined: dict[str, None] = field(default_factory=dict)  # in join order
     current: Group = NO_GROUP
     failed: bool = False
+    survivors: set[str] = field(default_factory=set)  # members that reported the current epoch failed (alive)
     epochs: int = 0
     carries: OrderedDict[int, Group] = field(default_factory=OrderedDict)
 
@@ -70,6 +71,7 @@ class GroupTable:
             run = self._runs.setdefault(run_id, _Run())
             if failed_epoch is not None and failed_epoch == run.current.epoch:
                 run.failed = True
+                run.survivors.add(replica)
             if leave:
                 run.joined.pop(replica, None)
                 return NO_GROUP, -1
@@ -93,14 +95,14 @@ class GroupTable:
         with self._lock:
             run = self._runs.setdefault(run_id, _Run())
             if failed_epoch is not None and failed_epoch == run.current.epoch:
-                for member in run.current.members:  # they rejoin when they fall back; a dead one never does
+                for member in set(run.current.members) - run.survivors:  # a dead one never rejoins
                     run.joined.pop(member, None)
                 run.failed = True
             wanted = tuple(run.joined)
             if run.failed or wanted != run.current.members or (wanted and backend != run.current.backend):
                 run.epochs += 1
                 run.current = Group(run.epochs, wanted, master_addr, backend) if wanted else NO_GROUP
-                run.failed = False
+                run.failed, run.survivors = False, set()
             run.carries[version] = run.current
             while len(run.carries) > KEPT_VERSIONS:
                 run.carries.popitem(last=False)

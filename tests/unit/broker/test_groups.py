@@ -42,10 +42,18 @@ def test_a_failed_epoch_re_forms_with_only_the_members_that_rejoined() -> None:
     first = table.form(RUN, 1, MASTER, "gloo")
     assert table.join(RUN, "a", 1, failed_epoch=first.epoch) == (first, -1)  # it fell back: fetch version 1
     second = table.form(RUN, 2, MASTER, "gloo", failed_epoch=first.epoch)  # "dead" never rejoined
-    assert second.members == () and second.epoch == 0
-    table.join(RUN, "a", 2)
-    third = table.form(RUN, 3, MASTER, "gloo")
-    assert third.members == ("a",) and table.join(RUN, "a", 3)[1] == 1
+    assert second.members == ("a",) and second.epoch > first.epoch
+    assert table.join(RUN, "a", 2)[1] == 1
+
+
+def test_members_that_rejoin_after_the_trainer_reported_the_failure_are_in_the_next_epoch() -> None:
+    table = GroupTable()
+    for replica in ("a", "dead"):
+        table.join(RUN, replica, -1)
+    first = table.form(RUN, 1, MASTER, "gloo")
+    assert table.form(RUN, 2, MASTER, "gloo", failed_epoch=first.epoch).members == ()  # nobody rejoined yet
+    table.join(RUN, "a", 2, failed_epoch=first.epoch)
+    assert table.form(RUN, 3, MASTER, "gloo").members == ("a",)
 
 
 def test_a_member_that_failed_alone_makes_the_next_version_a_new_epoch() -> None:
