@@ -28,6 +28,9 @@ if TYPE_CHECKING:
     import torch
 
 CHUNK_BYTES = 4 * 1024 * 1024
+PIPELINE_CHUNKS = 8
+"""A payload of fewer full chunks than this is cut into this many smaller ones (`chunk_size_for`)."""
+MIN_CHUNK_BYTES = 256 * 1024
 ITEMSIZE = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
 _TORCH_NAMES = {
     "F64": "float64",
@@ -108,10 +111,23 @@ class Packed:
     payload: Buffer
 
 
+def chunk_size_for(total_bytes: int) -> int:
+    """The chunk size `pack` cuts a payload into: `CHUNK_BYTES`, or for a small payload an even cut into
+    `PIPELINE_CHUNKS` (at least `MIN_CHUNK_BYTES`, a multiple of 64 KiB).
+
+    Every hop hashes chunk by chunk while the next one is on the wire (trainer: on both hash threads), so a
+    2 MB payload in one chunk waited for each of its three hashes in turn; in 8 they overlap the transfer:
+    pack + publish + fetch of the toy model's 2.1 MB took 21 → 18 ms (median of 50, 2026-12-02, load 2.7).
+    """
+    even = -(-total_bytes // PIPELINE_CHUNKS)
+    return min(CHUNK_BYTES, max(MIN_CHUNK_BYTES, -(-even // 65536) * 65536))
+
+
 def pack(
-    state_dict: Mapping[str, torch.Tensor], *, run_id: str, version: int, chunk_bytes: int = CHUNK_BYTES
+    state_dict: Mapping[str, torch.Tensor], *, run_id: str, version: int, chunk_bytes: int | None = None
 ) -> Packed:
-    """Lay the tensors out back to back and describe them."""
+    """Lay the tensors out back to back and describe them, in chunks of `chunk_bytes` (default
+    `chunk_size_for` the payload)."""
     specs, offset = [], 0
     for name, tensor in state_dict.items():
         nbytes = tensor.numel() * tensor.element_size()
@@ -127,6 +143,7 @@ def pack(
         if spec.nbytes:
             flat = tensor.detach().to("cpu").contiguous().reshape(-1)
             view[spec.offset : spec.offset + spec.nbytes] = flat.view(_byte_dtype()).numpy()  # the one copy
+    chunk_bytes = chunk_bytes or chunk_size_for(offset)
     digests = chunk_digests(payload, chunk_bytes)
     manifest = common_pb2.WeightManifest(
         run_id=run_id,

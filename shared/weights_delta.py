@@ -30,7 +30,8 @@ BLOCK_BYTES = 4 * 1024 * 1024
 LEVEL = 1  # level 3 saves a few more per cent of the delta at twice the encode time (bench/sync.py)
 THREADS = 2
 MAX_CHANGED = 0.2  # above this share of changed bytes a delta costs more to encode than it saves: keyframe
-SAMPLE_EVERY = 16  # blocks; `changed_share` looks at one in this many
+SAMPLE_BYTES = 64 * 1024
+SAMPLE_EVERY = 16  # `changed_share` looks at one window of SAMPLE_BYTES in this many
 _MAGIC = b"CDX1"
 _HEAD = struct.Struct("<4sIQI")  # magic, block bytes, total bytes, blocks
 Buffer = bytes | bytearray | memoryview
@@ -115,10 +116,11 @@ def _u8(buffer: Buffer, start: int, end: int) -> np.ndarray:
 
 
 def changed_share(base: Buffer, target: Buffer, every: int = SAMPLE_EVERY) -> float:
-    """The share of bytes that differ, estimated on one block in `every` (a quick look before encoding)."""
+    """The share of bytes that differ, estimated on one 64 KiB window in `every` (a quick look before
+    encoding: small windows spread over the payload, so a small payload is not compared whole)."""
     differ = seen = 0
-    for start in range(0, len(target), BLOCK_BYTES * every):
-        end = min(start + BLOCK_BYTES, len(target))
+    for start in range(0, len(target), SAMPLE_BYTES * every):
+        end = min(start + SAMPLE_BYTES, len(target))
         differ += int(np.count_nonzero(_u8(base, start, end) != _u8(target, start, end)))
         seen += end - start
     return differ / seen if seen else 0.0

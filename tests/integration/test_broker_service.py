@@ -246,6 +246,23 @@ def test_bad_manifests_get_clear_errors_and_the_broker_keeps_serving(broker: Bro
         assert_bit_exact(client.fetch(6), state)
 
 
+def test_a_damaged_chunk_of_a_small_version_is_refused_while_later_chunks_stream(broker: Broker) -> None:
+    """A toy-sized version goes in several chunks (`chunk_size_for`) and the broker hashes each while the
+    next arrives: a damaged middle chunk is still refused, and nothing of the version is kept."""
+    packed = pack({"w": torch.randn(534_144)}, run_id=RUN, version=1)
+    messages = list(iter_chunks(packed.manifest, packed.payload))
+    assert len(messages) > 4
+    damaged = messages[3]
+    messages[3] = common_pb2.WeightChunk(data=damaged.data[:-1] + b"\x01", offset=damaged.offset)
+    with pytest.raises(grpc.RpcError) as caught:
+        broker.stub.Publish(iter(messages))
+    assert caught.value.code() == grpc.StatusCode.DATA_LOSS
+    assert re.search("chunk 2 .* failed sha256 verification", caught.value.details() or "")
+    assert broker.stub.Status(broker_pb2.BrokerStatusRequest()).stored_bytes == 0
+    with broker.client() as client:
+        assert client.latest() is None
+
+
 def test_conflicts_and_idempotent_republish(broker: Broker) -> None:
     small = {"w": torch.arange(6, dtype=torch.float32)}
     with broker.client() as client:

@@ -53,6 +53,16 @@ def test_chunks_never_exceed_the_limit() -> None:
     assert sum(sizes) == 12 * 1024 * 1024
 
 
+def test_a_small_payload_is_cut_into_several_chunks_so_hashing_overlaps_the_transfer() -> None:
+    toy = weights.pack({"w": torch.zeros(534_144)}, run_id="r", version=1)  # the toy model's 2.1 MB
+    assert weights.MIN_CHUNK_BYTES <= toy.manifest.chunk_size < weights.CHUNK_BYTES
+    assert toy.manifest.chunk_size % 65536 == 0
+    assert weights.num_chunks(toy.manifest) == weights.PIPELINE_CHUNKS - 1  # the last one is short
+    weights.validate_manifest(toy.manifest)
+    assert weights.chunk_size_for(40 * 1024 * 1024) == weights.CHUNK_BYTES  # large payloads: full chunks
+    assert weights.chunk_size_for(10) == weights.MIN_CHUNK_BYTES  # tiny ones: one chunk, never below the floor
+
+
 def test_corrupted_chunk_is_rejected_at_once_without_pipelining() -> None:
     packed = weights.pack(state_dict(), run_id="r", version=1, chunk_bytes=64)
     chunks = list(weights.iter_chunks(packed.manifest, packed.payload))[1:]
