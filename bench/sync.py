@@ -17,7 +17,11 @@ as the trainer publishes them on GPU (bf16, `cadence.weights.pack`), and
 4. fan-out, full versions vs relay (`cadence.clients.relay`): 1, 2 and 4 fetcher processes (like inference
    pods) fetch one SmolLM2-135M-shaped bf16 version (random values, 270 MB) at once; the broker's egress
    (its `Status.bytes_out`) ÷ one version, and the time from their common start until every one holds the
-   whole version verified (goals at 4 fetchers: egress ≤ 1.2 × one version, time ≤ 1.5 × one fetcher's).
+   whole version verified (goals at 4 fetchers: egress ≤ 1.2 × one version, time ≤ 1.5 × one fetcher's);
+   the CPU seconds each fetcher spends on its own fetch (receive, verify, assemble: process CPU, every
+   thread) and what the whole fan-out took (fetchers, relaying included, and the broker), whose share of
+   this machine's cores is a floor no overlap can beat: `CPU floor for 4 ÷ time for 1` above 1.5 means the
+   time goal cannot be met on these cores, however the bytes are routed.
 
 s = 1 figures are the mean over the ten consecutive pairs (Adam's first step moves every weight by the full
 lr, later ones by less); the candidates are compared on the last pair. MB = 10^6 bytes.
@@ -31,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import multiprocessing as mp
+import os
 import statistics
 import sys
 import time
@@ -256,19 +261,27 @@ def _fetcher(target: str, run: str, version: int, relayed: bool, barrier: Any, o
     relay = start_relay("127.0.0.1", 0) if relayed else None
     with BrokerClient(target, run, relay=relay) as client:
         barrier.wait()
-        started = time.time()
+        started, cpu = time.time(), time.process_time()  # process CPU: gRPC, hashing and relay threads too
         client.fetch(version)
-        out.put((started, time.time()))
+        out.put(("fetched", started, time.time(), time.process_time() - cpu))
         barrier.wait()
+        out.put(("served", time.process_time() - cpu))  # its own fetch plus what it relayed to the others
     if relay is not None and relay.server is not None:
         relay.server.stop(0)
 
 
-def fan_out_rows(target: str) -> list[dict[str, Any]]:
-    """Broker egress and time until every fetcher holds a version, full versions vs relay."""
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds a process has used so far (Linux /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def fan_out_rows(target: str, broker_pid: int) -> list[dict[str, Any]]:
+    """Broker egress and time until every fetcher holds a version, full versions vs relay; the CPU seconds
+    all of it took (fetchers and broker) and the floor that puts on the time with this machine's cores."""
     run, rows, ctx = "sync-fanout", [], mp.get_context("spawn")
     packed = pack(smollm2_state(), run_id=run, version=0)
-    size, version, spans = len(packed.payload), 0, {}
+    size, version, spans, floors, cores = len(packed.payload), 0, {}, {}, os.cpu_count() or 1
     with BrokerClient(target, run, keyframe_every=1) as trainer:
         for relayed in (False, True):
             label = "relay" if relayed else "full versions from the broker"
@@ -279,20 +292,31 @@ def fan_out_rows(target: str) -> list[dict[str, Any]]:
                 barrier, out = ctx.Barrier(fetchers), ctx.Queue()
                 args = (target, run, version, relayed, barrier, out)
                 procs = [ctx.Process(target=_fetcher, args=args) for _ in range(fetchers)]
+                broker_cpu = cpu_seconds(broker_pid)
                 for proc in procs:
                     proc.start()
-                times = [out.get(timeout=600) for _ in procs]
+                reports = [out.get(timeout=600) for _ in range(2 * fetchers)]
                 for proc in procs:
                     proc.join(60)
+                broker_cpu = cpu_seconds(broker_pid) - broker_cpu
                 egress = (trainer.status().bytes_out - before) / size
-                span = spans[relayed, fetchers] = max(end for _, end in times) - min(start for start, _ in times)
+                times = [r[1:] for r in reports if r[0] == "fetched"]
+                span = spans[relayed, fetchers] = max(end for _, end, _ in times) - min(start for start, _, _ in times)
+                total_cpu = broker_cpu + sum(r[1] for r in reports if r[0] == "served")
+                floors[relayed, fetchers] = total_cpu / cores
                 goal = GOAL_EGRESS if relayed and fetchers == 4 else None
                 tag = f"fan-out {fetchers}, {label}"
                 rows.append(row(f"{tag}: broker egress ÷ one version", egress, goal, "×", False))
                 rows.append(row(f"{tag}: until all hold it", span, None, "s", False))
+                own_cpu = statistics.fmean(cpu for *_, cpu in times)
+                rows.append(row(f"{tag}: CPU s per fetcher (own fetch)", own_cpu, None, "s", False))
+                rows.append(row(f"{tag}: CPU s in all (fetchers + broker)", total_cpu, None, "s", False))
             ratio = spans[relayed, 4] / spans[relayed, 1]
             goal = GOAL_FAN_OUT_TIME if relayed else None
             rows.append(row(f"fan-out, {label}: time for 4 ÷ time for 1", ratio, goal, "×", False))
+            # However well the fetchers overlap, 4 of them cannot finish before their CPU seconds ÷ the cores.
+            floor = floors[relayed, 4] / spans[relayed, 1]
+            rows.append(row(f"fan-out, {label}: CPU floor for 4 ({cores} cores) ÷ time for 1", floor, None, "×", False))
     print(f"fan-out: {size / 1e6:.0f} MB per version", file=sys.stderr)
     return rows
 
@@ -315,7 +339,7 @@ def main() -> None:
                 rows += lr_rows(lr, args.steps, "bf16", target)
                 record(name, rows)  # what is measured so far survives an interrupted run
             rows += lr_rows(1e-6, 1, "fp32")
-        rows += fan_out_rows(target)
+        rows += fan_out_rows(target, proc.pid)
     finally:
         proc.terminate()
         proc.wait(10)
