@@ -9,7 +9,9 @@ chunk and the whole payload sha256-verified) and only then loads it, so a broken
 half-loaded weights. Outputs are written and inputs acknowledged in
 one atomic step (`StreamConsumer.forward`), so a crash loses nothing and writes nothing twice.
 
-A background thread follows the broker's `Watch` stream, so waiting for a version costs no polling. Another
+A background thread follows the broker's `Watch` stream, so waiting for a version costs no polling, and a
+second fetches each announced version ahead (`cadence.inference.prefetch`), so a sync at s = 1 finds it in
+hand. Another
 keeps the entries being worked on fresh in Redis (XCLAIM to ourselves), so a long generation is not
 reclaimed by another worker; a dead worker's entries go idle and are reclaimed after `reclaim_idle_ms`.
 """
@@ -21,6 +23,7 @@ import socket
 import threading
 import time
 from collections import defaultdict
+from collections.abc import Callable
 from contextlib import suppress
 
 import redis
@@ -29,6 +32,7 @@ from prometheus_client import Counter, Gauge, Histogram
 from cadence.clients.broker import WeightTransport
 from cadence.errors import CadenceError, CadenceRuleViolation, InvalidRequest
 from cadence.inference.engine import Engine, SamplingParams, prompt_input
+from cadence.inference.prefetch import Prefetcher
 from cadence.logging import get_logger
 from cadence.retry import Backoff, Retry, keep_running
 from cadence.streams import GROUPS, Entry, StreamConsumer, stream_key
@@ -52,10 +56,12 @@ def default_worker_id() -> str:
 
 
 class VersionWatcher:
-    """Follows the broker's `Watch` stream on a daemon thread; `wait_for(v)` blocks until a version ≥ v exists."""
+    """Follows the broker's `Watch` stream on a daemon thread; `wait_for(v)` blocks until a version ≥ v exists.
+    `on_version(v)` is called as each new version is seen (the prefetcher's cue)."""
 
-    def __init__(self, weights: WeightTransport) -> None:
+    def __init__(self, weights: WeightTransport, on_version: Callable[[int], None] | None = None) -> None:
         self.weights = weights
+        self.on_version = on_version
         self._newest: common_pb2.VersionInfo | None = None
         self._cond = threading.Condition()
         self._closed = threading.Event()
@@ -73,6 +79,8 @@ class VersionWatcher:
             with self._cond:
                 self._newest = info
                 self._cond.notify_all()
+            if self.on_version is not None:
+                self.on_version(info.version)
 
     def _watch_failed(self, error: BaseException, delay: float) -> None:
         if not self._closed.is_set():
@@ -128,13 +136,16 @@ class RolloutWorker:
             reclaim_idle_ms=reclaim_idle_ms,
             block_ms=block_ms,
         )
-        self.watcher = VersionWatcher(weights)
+        # Versions are fetched as the watch announces them (`cadence.inference.prefetch`).
+        self.prefetch = Prefetcher(weights, engine.version)
+        self.watcher = VersionWatcher(weights, on_version=self.prefetch.announce)
         self._held: list[Entry[common_pb2.Prompt]] = []
         self._pending = 0
         LOADED_VERSION.set(engine.version)
 
     def close(self) -> None:
-        """Stop watching the broker and release its connection."""
+        """Stop fetching ahead and watching the broker, and release its connection."""
+        self.prefetch.close()
         self.watcher.close()
 
     def pending_prompts(self) -> int:
@@ -205,9 +216,9 @@ class RolloutWorker:
         if info is None:
             return
         started = time.perf_counter()
-        tensors = self.weights.fetch(info.version)  # whole and verified before the engine is touched
-        fetched = time.perf_counter()
-        self.engine.load_weights(tensors.items(), info.version)
+        with self.prefetch.fetched(info.version) as tensors:  # whole and verified before the engine is touched
+            fetched = time.perf_counter()
+            self.engine.load_weights(tensors.items(), info.version)
         LOADED_VERSION.set(info.version)
         SYNC_SECONDS.observe(time.perf_counter() - started)
         log.info(
