@@ -31,7 +31,7 @@ from bench._common import RESULTS
 from bench._runs import Run, load_average, mean_sem, run_many
 
 VARIANTS = [
-    ("lenient", []),
+    ("lenient", ["strict_format=false"]),
     ("strict format", ["strict_format=true"]),
     ("length-normalised DPO", ["algorithm.length_normalize=true"]),
     ("NLL on chosen (0.2)", ["algorithm.nll_coef=0.2"]),

@@ -30,8 +30,8 @@ from bench._runs import Run, run_many
 LRS = (5e-4, 1.5e-4, 5e-5)
 REGIMES = [
     ("offline DPO", "toy-offline-dpo", []),
-    ("semi-online s = 16", "toy-semi-online-dpo", ["sync_every=16"]),
-    ("semi-online s = 4", "toy-semi-online-dpo", ["sync_every=4"]),
+    ("semi-online s = 16", "toy-semi-online-dpo", ["sync_every=16", "strict_format=false"]),
+    ("semi-online s = 4", "toy-semi-online-dpo", ["sync_every=4", "strict_format=false"]),
     ("online DPO (s = 1)", "toy-online-dpo", []),
     ("GRPO", "toy-grpo", []),
 ]

@@ -69,6 +69,7 @@ def describe(plan: RunPlan) -> str:
         f"ref_sync_every={'fixed seed' if ref is None else ref}, async_lag={config.async_lag})",
         f"model          {config.model.path}",
         f"tasks          {', '.join(f'{t.name}:{t.kind}:{t.dataset}×{t.weight:g}' for t in config.tasks)}",
+        f"math scoring   {'strict (text after the last box scores 0)' if config.strict_format else 'lenient'}",
         f"steps          {config.steps} × {config.batch_prompts} prompts × {config.sampling.n} samples",
         f"engine         {plan.engine} × {config.inference.workers} worker(s)",
         f"redis          {plan.redis_url or 'private redis-server on a free port'}",

@@ -46,3 +46,13 @@ def test_an_unknown_engine_fails_before_anything_starts(tmp_path: Path) -> None:
     assert isinstance(result.exception, ConfigError) and "unknown engine 'vlm'" in str(result.exception)
     result = CliRunner().invoke(app, ["eval", "--model", str(tmp_path), "--engine", "vlm"])
     assert isinstance(result.exception, ConfigError) and "unknown engine 'vlm'" in str(result.exception)
+
+
+def test_the_embedded_default_scores_run_on_answers_strictly(tmp_path: Path) -> None:
+    """The length-collapse remedy (bench.length: no accuracy cost over 3 seeds) is on in `make run`'s config
+    and shown in the plan; `--set strict_format=false` brings back lenient scoring."""
+    default = next(path for path in CONFIGS if path.stem == "toy-semi-online-dpo")
+    result = CliRunner().invoke(app, ["run", str(default), "--dry-run", "--runs-dir", str(tmp_path)])
+    assert "math scoring   strict" in result.output, result.output
+    lenient = ["run", str(default), "--dry-run", "--runs-dir", str(tmp_path), "--set", "strict_format=false"]
+    assert "math scoring   lenient" in CliRunner().invoke(app, lenient).output
