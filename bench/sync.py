@@ -21,7 +21,9 @@ as the trainer publishes them on GPU (bf16, `cadence.weights.pack`), and
    the CPU seconds each fetcher spends on its own fetch (receive, verify, assemble: process CPU, every
    thread) and what the whole fan-out took (fetchers, relaying included, and the broker), whose share of
    this machine's cores is a floor no overlap can beat: `CPU floor for 4 ÷ time for 1` above 1.5 means the
-   time goal cannot be met on these cores, however the bytes are routed.
+   time goal cannot be met on these cores, however the bytes are routed. Measured 2026-12-02 04:22 (load 2-3):
+   one fetcher takes 0.52 s and 0.63 CPU s (relay route; 0.59 s and 0.77 CPU s from the broker), so 4 need at
+   least 4 × 0.63 ÷ 2 cores = 1.26 s = 2.4× one fetcher's time before any contention (2.6× from the broker).
 
 s = 1 figures are the mean over the ten consecutive pairs (Adam's first step moves every weight by the full
 lr, later ones by less); the candidates are compared on the last pair. MB = 10^6 bytes.
@@ -281,7 +283,7 @@ def fan_out_rows(target: str, broker_pid: int) -> list[dict[str, Any]]:
     all of it took (fetchers and broker) and the floor that puts on the time with this machine's cores."""
     run, rows, ctx = "sync-fanout", [], mp.get_context("spawn")
     packed = pack(smollm2_state(), run_id=run, version=0)
-    size, version, spans, floors, cores = len(packed.payload), 0, {}, {}, os.cpu_count() or 1
+    size, version, spans, floors, lone_cpu, cores = len(packed.payload), 0, {}, {}, {}, os.cpu_count() or 1
     with BrokerClient(target, run, keyframe_every=1) as trainer:
         for relayed in (False, True):
             label = "relay" if relayed else "full versions from the broker"
@@ -309,14 +311,21 @@ def fan_out_rows(target: str, broker_pid: int) -> list[dict[str, Any]]:
                 rows.append(row(f"{tag}: broker egress ÷ one version", egress, goal, "×", False))
                 rows.append(row(f"{tag}: until all hold it", span, None, "s", False))
                 own_cpu = statistics.fmean(cpu for *_, cpu in times)
+                if fetchers == 1:
+                    lone_cpu[relayed] = own_cpu
                 rows.append(row(f"{tag}: CPU s per fetcher (own fetch)", own_cpu, None, "s", False))
                 rows.append(row(f"{tag}: CPU s in all (fetchers + broker)", total_cpu, None, "s", False))
             ratio = spans[relayed, 4] / spans[relayed, 1]
             goal = GOAL_FAN_OUT_TIME if relayed else None
             rows.append(row(f"fan-out, {label}: time for 4 ÷ time for 1", ratio, goal, "×", False))
-            # However well the fetchers overlap, 4 of them cannot finish before their CPU seconds ÷ the cores.
+            # However well the fetchers overlap, 4 of them cannot finish before their CPU seconds ÷ the cores:
+            # as measured (contention inflates it), and from one lone fetcher's CPU (4 × that ÷ the cores).
             floor = floors[relayed, 4] / spans[relayed, 1]
             rows.append(row(f"fan-out, {label}: CPU floor for 4 ({cores} cores) ÷ time for 1", floor, None, "×", False))
+            alone = 4 * lone_cpu[relayed] / cores / spans[relayed, 1]
+            rows.append(
+                row(f"fan-out, {label}: one fetcher's CPU × 4 ÷ {cores} cores ÷ time for 1", alone, None, "×", False)
+            )
     print(f"fan-out: {size / 1e6:.0f} MB per version", file=sys.stderr)
     return rows
 

@@ -74,6 +74,9 @@ def hops(folder: Path, skip: int) -> dict[str, list[float]]:
             "step (release to release)": min(released[step + 1]) - start,
         }
         rows["between steps (records, checkpoint)"] = min(released[step + 1]) - start - m["step_time"]
+        # What the services cost over the work itself: the step less generation, scoring and training.
+        stages = m["time_generation"] + m.get("time_scoring", 0.0) + m["time_compute"]
+        rows["beyond generation + scoring + training"] = rows["step (release to release)"] - stages
         for key, value in rows.items():
             out.setdefault(key, []).append(value)
     return out
