@@ -175,6 +175,7 @@ class RolloutWorker:
         """Take a batch (or keep the one a failure left in hand) and finish it; returns rollouts written."""
         if not self._held:
             self._held = self.consumer.read(self.batch_prompts)
+            self._encode_ahead()
         written = 0
         with self.consumer.keep_alive(lambda: [entry.id for entry in self._held]):
             while self._held and not stop.is_set():
@@ -187,6 +188,13 @@ class RolloutWorker:
                     continue
                 written += self._generate(self._first_stale(ready))
         return written
+
+    def _encode_ahead(self) -> None:
+        """Render and tokenize the batch's prompts now (the engine keeps their ids): at s = 1 this runs while
+        the version they need is still being fetched ahead, not after it is loaded (~7 ms for 32 toy prompts)."""
+        for entry in self._held:
+            with suppress(InvalidRequest):  # `_checked` reports it when the prompt comes up
+                self.engine.encode(prompt_input(entry.message))
 
     def _newer_allowed(self) -> int | None:
         """A published version newer than the loaded one that every held prompt allows (`max_version` set and

@@ -130,6 +130,21 @@ def test_min_version_rule_holds_a_prompt_until_its_version_is_loaded(
     assert group_pending(redis_url) == 0
 
 
+def test_a_batch_is_tokenized_while_the_worker_waits_for_its_version(
+    workers: Callable[..., RunningWorker], redis_url: str, broker: str, untrained_tiny_model_dir: Path
+) -> None:
+    """At s = 1 the version a batch needs is being fetched when the batch arrives: its prompts are rendered
+    and tokenized meanwhile, so generation starts as soon as the version is loaded."""
+    running = workers("w0")
+    StreamProducer(connect(redis_url), PROMPTS_KEY).add_many([prompt(i, min_version=1) for i in range(5)])
+    wait_until(lambda: len(running.worker._held) == 5, what="the batch in hand")
+    wait_until(lambda: len(running.engine._encoded) >= 5, timeout=5, what="the batch tokenized before version 1")
+    assert running.engine.version == 0 and rollouts(redis_url) == []
+    BrokerClient(broker, RUN).publish(weights(untrained_tiny_model_dir, 1), 1)
+    wait_until(lambda: len(rollouts(redis_url)) == 5, what="the batch generated at version 1")
+    assert {r.policy_version for r in rollouts(redis_url)} == {1}
+
+
 def test_a_worker_takes_the_newest_version_its_prompts_allow(
     workers: Callable[..., RunningWorker], redis_url: str, broker: str, untrained_tiny_model_dir: Path
 ) -> None:
