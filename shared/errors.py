@@ -51,6 +51,11 @@ class NotReady(CadenceError):
     http_status = 503
 
 
+class BroadcastFailed(NotReady):
+    """A weight broadcast did not arrive whole and intact in time; the model is untouched: fetch the version
+    from the broker instead (the broadcast group re-forms at a later epoch)."""
+
+
 class Overloaded(CadenceError):
     """Too much work in flight; retry after a pause."""
 

@@ -42,6 +42,13 @@ def free_port(host: str = "127.0.0.1") -> int:
     raise OSError(f"no free TCP port found on {host} between {LOWEST_PORT} and {low}; free some ports")
 
 
+def reachable_host(host: str = "") -> str:
+    """`host`, or for a wildcard bind (or none) this host's address (a pod's IP in Kubernetes)."""
+    if host not in ("0.0.0.0", "::", "[::]", ""):
+        return host
+    return socket.gethostbyname(socket.gethostname())
+
+
 def _bind_probe(host: str, port: int) -> int:
     """The bound port when `port` can be bound on `host` now (0: any free port), else 0."""
     with socket.socket() as sock:

@@ -31,6 +31,8 @@ CHUNK_BYTES = 4 * 1024 * 1024
 PIPELINE_CHUNKS = 8
 """A payload of fewer full chunks than this is cut into this many smaller ones (`chunk_size_for`)."""
 MIN_CHUNK_BYTES = 256 * 1024
+BROADCAST_SLICE_BYTES = 64 * 1024 * 1024
+"""A payload is broadcast in slices this big (a GPU receiver stages one slice on the device at a time)."""
 ITEMSIZE = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
 _TORCH_NAMES = {
     "F64": "float64",

@@ -17,14 +17,14 @@ from __future__ import annotations
 
 import threading
 from abc import ABC, abstractmethod
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from cadence.chat import PromptInput, prompt_token_ids
-from cadence.errors import InvalidRequest, NotReady, TooLarge
+from cadence.errors import BroadcastFailed, InvalidRequest, NotReady, TooLarge
 
 if TYPE_CHECKING:
     import torch
@@ -232,11 +232,16 @@ class Engine(ABC):
         other failure may leave unknown weights: the version becomes -1 and `generate` refuses until a
         later load succeeds.
         """
+        self._replace_weights(lambda: self._load(tensors), version)
+
+    def _replace_weights(self, load: Callable[[], None], version: int) -> None:
+        """Run `load` with generation held back, then tag the weights `version`. A failure that leaves the model
+        as it was (`InvalidRequest`, `BroadcastFailed`) keeps the version; any other sets it to -1."""
         with self._lock.write():
             previous, self._version = self._version, -1
             try:
-                self._load(tensors)
-            except InvalidRequest:
+                load()
+            except (InvalidRequest, BroadcastFailed):
                 self._version = previous
                 raise
             self._version = version

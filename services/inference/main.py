@@ -87,17 +87,26 @@ def _build_worker(
     settings: InferenceSettings, engine: Engine, worker_id: str, run_id: str, relay: Relay | None
 ) -> RolloutWorker:
     from cadence.clients.broker import BrokerClient
+    from cadence.errors import ConfigError
+    from cadence.inference.broadcast import BroadcastMember
     from cadence.inference.worker import RolloutWorker
     from cadence.streams import connect
 
+    weights = BrokerClient(settings.broker_addr, run_id, apply_deltas=True, relay=relay)  # the engine copies loads
+    broadcast = None
+    if settings.broadcast:
+        if not hasattr(engine, "load_broadcast"):
+            raise ConfigError(f"CADENCE_BROADCAST needs the vllm engine (this replica runs {engine.kind!r})")
+        broadcast = BroadcastMember(weights, engine, worker_id, timeout_s=settings.broadcast_timeout_s)
     return RolloutWorker(
         engine,
         connect(settings.redis_url),
         run_id,
-        BrokerClient(settings.broker_addr, run_id, apply_deltas=True, relay=relay),  # the engine copies what it loads
+        weights,
         worker_id=worker_id,
         batch_prompts=settings.batch_prompts,
         reclaim_idle_ms=settings.reclaim_idle_ms,
+        broadcast=broadcast,
     )
 
 

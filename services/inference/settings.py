@@ -23,6 +23,12 @@ class InferenceSettings(ServiceSettings):
     relay_addr: str = ""
     """`host:port` other replicas reach this one's relay at (`CADENCE_RELAY_ADDR`); empty: this host's IP and
     `relay_port` (a pod's IP in Kubernetes)."""
+    broadcast: bool = False
+    """Collective path (`CADENCE_BROADCAST`, vllm engine): join the broker's broadcast group and take each version
+    by the trainer's broadcast (checked against the broker's manifest), fetching it only when that fails or this
+    replica is not in the group carrying it. Off: fetch every version. The trainer's CADENCE_BROADCAST too."""
+    broadcast_timeout_s: float = Field(30.0, gt=0)
+    """How long joining a group or receiving a broadcast may wait (`CADENCE_BROADCAST_TIMEOUT_S`)."""
     tensor_parallel_size: int = Field(1, ge=1)
     """GPUs one vLLM engine shards the model over (`CADENCE_TENSOR_PARALLEL_SIZE`); the hf engine ignores it."""
     worker: bool = True

@@ -29,7 +29,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from cadence.errors import ConfigError, InvalidRequest
+from cadence.errors import BroadcastFailed, ConfigError, InvalidRequest
 from cadence.inference.engine import Engine, Sample, SamplingParams
 from cadence.paths import cadence_home
 from cadence.weights import dtype_name
@@ -38,6 +38,7 @@ if TYPE_CHECKING:
     import torch
 
     from cadence.inference.weight_transfer import CadenceUpdateInfo
+    from cadence.v1 import common_pb2
 
 T = TypeVar("T")
 SHARED_MEMORY = Path("/dev/shm")
@@ -183,32 +184,40 @@ class VllmEngine(Engine):
             path.unlink(missing_ok=True)
 
     def join_broadcast(self, init_info: dict[str, Any]) -> None:
-        """Join the trainer's NCCL group (`BroadcastGroup.init_info`); GPU only (vLLM's `nccl` backend)."""
+        """Join the trainer's broadcast group (`BroadcastGroup.init_info`: gloo on CPU, NCCL on GPU); a new epoch
+        replaces the group before. `BroadcastFailed` when the rendezvous does not complete in its timeout."""
         from vllm.distributed.weight_transfer.base import WeightTransferInitRequest
 
-        self._run(self._llm.init_weight_transfer_engine(WeightTransferInitRequest(init_info=init_info)))
+        try:
+            self._run(self._llm.init_weight_transfer_engine(WeightTransferInitRequest(init_info=init_info)))
+        except Exception as exc:  # vLLM's RPC returns the worker's error as text only
+            raise BroadcastFailed(f"joining the broadcast group failed: {exc}") from exc
 
-    def load_broadcast(self, info: CadenceUpdateInfo, version: int) -> None:
-        """Receive `version` from the trainer's broadcast (`info.path` None) over the joined group.
+    def leave_broadcast(self) -> None:
+        """Drop the broadcast group (after a failed broadcast; the next epoch joins a new one)."""
+        self._run(self._llm.shutdown_weight_transfer_engine())
 
-        Called on every member while the trainer broadcasts; like `load_weights`, waits for generate calls and
-        sets the version to -1 if the broadcast fails midway (the replica then fetches from the broker).
+    def load_broadcast(self, manifest: common_pb2.WeightManifest, version: int) -> None:
+        """Receive `version` from the trainer's broadcast over the joined group and load it, once the whole payload
+        matched `manifest` (the broker's). Runs on every member while the trainer broadcasts; like `load_weights`
+        it holds generation back. `BroadcastFailed` (timed out, or damaged): the model and version are unchanged,
+        fetch the version from the broker.
         """
-        if info.path is not None:
-            raise InvalidRequest("a broadcast update carries no handoff path")
-        with self._lock.write():
-            previous, self._version = self._version, -1
-            try:
-                self._run(self._transfer(info))
-            except InvalidRequest:
-                self._version = previous
-                raise
-            self._version = version
+        import torch
+
+        from cadence.weights import torch_dtype
+
+        specs = [
+            (s.name, torch.empty(list(s.shape), dtype=torch_dtype(s.dtype), device="meta")) for s in manifest.tensors
+        ]
+        info = update_info(list(self._checked(specs)), None)
+        info.manifest = manifest.SerializeToString()
+        self._replace_weights(lambda: self._run(self._transfer(info)), version)
 
     async def _transfer(self, info: CadenceUpdateInfo) -> None:
         from vllm.distributed.weight_transfer.base import WeightTransferUpdateRequest
 
-        from cadence.inference.weight_transfer import REFUSED
+        from cadence.inference.weight_transfer import BROADCAST_FAILED, REFUSED
 
         await self._llm.start_weight_update()
         try:
@@ -216,6 +225,8 @@ class VllmEngine(Engine):
         except Exception as exc:  # vLLM's RPC returns the worker's error as text only
             if REFUSED in str(exc):  # the worker ended the session before touching the model
                 raise InvalidRequest(str(exc)) from exc
+            if BROADCAST_FAILED in str(exc):  # likewise, and the replica fetches the version instead
+                raise BroadcastFailed(str(exc)) from exc
             raise
         await self._llm.finish_weight_update()
         await self._llm.reset_prefix_cache()  # or cached KV blocks of the old weights would be reused

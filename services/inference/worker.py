@@ -31,6 +31,7 @@ from prometheus_client import Counter, Gauge, Histogram
 
 from cadence.clients.broker import WeightTransport
 from cadence.errors import CadenceError, CadenceRuleViolation, InvalidRequest
+from cadence.inference.broadcast import BroadcastMember
 from cadence.inference.engine import Engine, SamplingParams, prompt_input
 from cadence.inference.prefetch import Prefetcher
 from cadence.logging import get_logger
@@ -120,9 +121,13 @@ class RolloutWorker:
         batch_prompts: int = 32,
         reclaim_idle_ms: int = 30_000,
         block_ms: int = 1_000,
+        broadcast: BroadcastMember | None = None,
     ) -> None:
+        """`broadcast`: take versions by the trainer's broadcast when the broker's group carries them to this
+        replica (`cadence.inference.broadcast`), else fetch them."""
         self.engine = engine
         self.weights = weights
+        self.broadcast = broadcast
         self.worker_id = worker_id or default_worker_id()
         self.batch_prompts = batch_prompts
         self.prompts_key = stream_key(run_id, "prompts")
@@ -136,15 +141,19 @@ class RolloutWorker:
             reclaim_idle_ms=reclaim_idle_ms,
             block_ms=block_ms,
         )
-        # Versions are fetched as the watch announces them (`cadence.inference.prefetch`).
+        # Versions are fetched as the watch announces them (`cadence.inference.prefetch`), unless broadcast.
         self.prefetch = Prefetcher(weights, engine.version)
-        self.watcher = VersionWatcher(weights, on_version=self.prefetch.announce)
+        self.watcher = VersionWatcher(weights, on_version=None if broadcast is not None else self.prefetch.announce)
+        if broadcast is not None:
+            broadcast.join()
         self._held: list[Entry[common_pb2.Prompt]] = []
         self._pending = 0
         LOADED_VERSION.set(engine.version)
 
     def close(self) -> None:
-        """Stop fetching ahead and watching the broker, and release its connection."""
+        """Leave the broadcast group, stop watching the broker and release its connection."""
+        if self.broadcast is not None:
+            self.broadcast.leave()
         self.prefetch.close()
         self.watcher.close()
 
@@ -224,9 +233,12 @@ class RolloutWorker:
         if info is None:
             return
         started = time.perf_counter()
-        with self.prefetch.fetched(info.version) as tensors:  # whole and verified before the engine is touched
-            fetched = time.perf_counter()
-            self.engine.load_weights(tensors.items(), info.version)
+        if self.broadcast is not None and self.broadcast.take(info.version):  # received, checked and loaded
+            fetched = started
+        else:
+            with self.prefetch.fetched(info.version) as tensors:  # whole and verified before the engine is touched
+                fetched = time.perf_counter()
+                self.engine.load_weights(tensors.items(), info.version)
         LOADED_VERSION.set(info.version)
         SYNC_SECONDS.observe(time.perf_counter() - started)
         log.info(

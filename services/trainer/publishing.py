@@ -10,11 +10,15 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from cadence.errors import NotReady, Overloaded
 from cadence.logging import get_logger
 from cadence.retry import Backoff, Retry, retry
+from cadence.weights import pack
+
+if TYPE_CHECKING:
+    from cadence.trainer.broadcasting import Broadcaster
 
 log = get_logger(__name__)
 
@@ -30,6 +34,7 @@ class Publisher:
     def __init__(self, transport: Any, stop_requested: threading.Event) -> None:
         self.transport, self.stop_requested = transport, stop_requested
         self.published: int | None = None  # the newest version this process uploaded (not one it skipped)
+        self.broadcaster: Broadcaster | None = None  # CADENCE_BROADCAST: also broadcast each version to the group
 
     def publish(self, state: dict, version: int) -> None:
         """Upload `version` unless the broker already holds it (a replay after a restart). Once this process
@@ -38,9 +43,20 @@ class Publisher:
         latest = None if ours else self._latest_version()
         if latest is not None and latest >= version:
             log.warning("version %d already published (broker has %d); not publishing it again", version, latest)
+        elif self.broadcaster is not None:
+            self._publish_and_broadcast(state, version, self.broadcaster)
         else:
             self.patiently(lambda: self.transport.publish(state, version), f"publish version {version}")
             self.published = version
+
+    def _publish_and_broadcast(self, state: dict, version: int, broadcaster: Broadcaster) -> None:
+        """Form the group first (members that see the version find theirs), publish, then broadcast in the
+        background (`cadence.trainer.broadcasting`)."""
+        group = self.patiently(lambda: broadcaster.form(version), f"form the broadcast group of version {version}")
+        packed = pack(state, run_id=self.transport.run_id, version=version)
+        self.patiently(lambda: self.transport.publish_packed(packed), f"publish version {version}")
+        self.published = version
+        broadcaster.send(group, packed)
 
     def republish_if_lost(self, version: int, gather: Callable[[], dict]) -> None:
         """A broker restarted without a persistent store has lost our newest version, and workers that need it

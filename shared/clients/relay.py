@@ -16,7 +16,6 @@ address the others can reach works as before, it just does not add to the fan-ou
 
 from __future__ import annotations
 
-import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -29,6 +28,7 @@ from cadence import weights_delta, weights_wire
 from cadence.errors import InvalidRequest, NotReady, VersionNotFound
 from cadence.grpc import ServiceServer, channel
 from cadence.logging import get_logger
+from cadence.net import reachable_host
 from cadence.v1 import broker_pb2, common_pb2
 
 log = get_logger(__name__)
@@ -153,7 +153,7 @@ class RelayServer:
     def start(self) -> str:
         """Bind and serve; returns the address other replicas are told to fetch from."""
         port = self.server.start()
-        self.address = self._advertise or f"{_reachable_host(self.host)}:{port}"
+        self.address = self._advertise or f"{reachable_host(self.host)}:{port}"
         log.info("relay serving", extra={"address": self.address})
         return self.address
 
@@ -170,13 +170,6 @@ def _add_fetch(source: RelaySource, server: grpc.Server) -> None:
         fetch, request_deserializer=broker_pb2.FetchRequest.FromString, response_serializer=weights_wire.encode
     )
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler("cadence.v1.Broker", {"Fetch": handler}),))
-
-
-def _reachable_host(host: str) -> str:
-    """The bind host, or for a wildcard bind this host's address (a pod's IP in Kubernetes)."""
-    if host not in ("0.0.0.0", "::", "[::]", ""):
-        return host
-    return socket.gethostbyname(socket.gethostname())
 
 
 class Relay:

@@ -80,12 +80,15 @@ def test_an_update_info_with_repeated_or_unaligned_entries_is_refused() -> None:
 
 
 def test_the_broadcast_group_ranks_members_after_the_trainer_and_leaves_others_to_the_broker() -> None:
-    from vllm.distributed.weight_transfer.nccl_common import NCCLWeightTransferInitInfo
+    from cadence.inference.weight_transfer import BroadcastGroup, CadenceInitInfo
+    from cadence.v1 import broker_pb2
 
-    from cadence.inference.weight_transfer import BroadcastGroup
-
-    group = BroadcastGroup("10.0.0.5", 29500, members=("replica-a", "replica-b"))
-    infos = [NCCLWeightTransferInitInfo(**group.init_info(replica)) for replica in group.members]
+    answer = broker_pb2.BroadcastGroup(epoch=3, members=["replica-a", "replica-b"], master_addr="10.0.0.5:29500")
+    answer.backend = "gloo"
+    group = BroadcastGroup.from_pb(answer)
+    infos = [CadenceInitInfo(**group.init_info(replica, timeout_s=5.0)) for replica in group.members]
     assert [(i.rank_offset, i.world_size) for i in infos] == [(1, 3), (2, 3)]
-    assert all((i.master_address, i.master_port, i.packed) == ("10.0.0.5", 29500, True) for i in infos)
+    assert all(
+        (i.master_address, i.master_port, i.backend, i.timeout_s) == ("10.0.0.5", 29500, "gloo", 5.0) for i in infos
+    )
     assert group.init_info("replica-late") is None  # not in this version's group: catches up from the broker
