@@ -14,7 +14,9 @@ re-running each regime at several step budgets would multiply the runs.
 Run: `.venv/bin/python -m bench.paper [--quick]` (full ~24 min, --quick ~2.5 min on 2 cores).
 Writes bench/results/paper.md, paper.json and PNGs. `--sweep`: the learning-rate × regime sweep of
 bench/sweep.py instead (~1 h; `--steps/--seeds/--lrs/--regimes` narrow it; `--sweep --report` re-renders the
-last sweep's report from its run records).
+last sweep's report from its run records). `--rm`: the paper's Table 3 instead: verifier-only, tiny-RM-only
+and mixed semi-online runs, each judged on toy math accuracy and on tiny-RM win rate against the seed
+(writes paper_rm.md; 3 runs at 40 steps, ~10 min).
 """
 
 from __future__ import annotations
@@ -28,8 +30,8 @@ from bench._runs import Run, cadence_run, load_average, mean_sem
 
 MAIN = [
     ("offline DPO", "toy-offline-dpo", []),
-    ("semi-online DPO (s = 4)", "toy-semi-online-dpo", ["sync_every=4"]),
-    ("semi-online DPO (s = 16)", "toy-semi-online-dpo", ["sync_every=16"]),
+    ("semi-online DPO (s = 4)", "toy-semi-online-dpo", ["sync_every=4", "strict_format=false"]),
+    ("semi-online DPO (s = 16)", "toy-semi-online-dpo", ["sync_every=16", "strict_format=false"]),
     ("online DPO", "toy-online-dpo", []),
     ("GRPO", "toy-grpo", []),
 ]
@@ -38,6 +40,8 @@ EXTRAS = [
     ("semi-online DPO (s = 4), tiny-RM rewards", "toy-chat-rm-dpo", []),
     ("mixed: verifier + tiny RM (s = 4)", "toy-mixed", []),
 ]
+RM_ROWS = [("verifier only (s = 4)", "toy-semi-online-dpo", ["sync_every=4", "strict_format=false"]), *EXTRAS[1:]]
+"""`--rm`: the paper's Table 3 in miniature, each row judged on toy math and on tiny-RM win rate."""
 
 
 @dataclass
@@ -118,6 +122,59 @@ def rm_win_rate(run: Run, setup: Setup) -> tuple[float, float | None]:
     return summary.accuracy, summary.length_normalized_reward
 
 
+def seed_accuracy(runs: dict[str, list[Run]]) -> tuple[float, float]:
+    """The seed's held-out accuracy (mean, standard error) as the first regime's runs measured it."""
+    return mean_sem([r.before["accuracy"] for r in next(iter(runs.values()))])
+
+
+def rm_table(runs: dict[str, list[Run]], wins: dict[str, list[float]], setup: Setup) -> str:
+    """`--rm`'s markdown: per row, math accuracy and tiny-RM win rate against the seed (mean ± s.e. over seeds)."""
+    import json
+
+    from cadence.models.cache import MARKER
+    from cadence.models.registry import resolve_model
+
+    built = json.loads((resolve_model("tiny-rm") / MARKER).read_text())
+    seed_acc, seed_sem = seed_accuracy(runs)
+    lines = [
+        f"# The paper's Table 3 in miniature (toy addition; {setup.steps} steps, {setup.seeds} seed(s))",
+        "",
+        f"Math: held-out accuracy on {setup.problems} toy test problems, k = {setup.k} (T 0.6, top-p 0.9). Win rate: "
+        f"the final model's answers against the seed's on {setup.problems} held-out toy chat prompts, judged by "
+        f"tiny-RM (a tie counts half; the seed against itself is 50 %). tiny-RM's held-out pairwise accuracy: "
+        f"{100 * built['pairwise_accuracy']['all']:.1f} % overall, {100 * built['pairwise_accuracy']['wrong']:.1f} % "
+        f"on wrong sums. Load average at the end: {load_average()}.",
+        "",
+        "| Training | toy math acc. (%) | Δ vs seed | tiny-RM win rate vs seed (%) |",
+        "|---|---|---|---|",
+        f"| Seed | {100 * seed_acc:.1f} ± {100 * seed_sem:.1f} | – | 50 |",
+    ]
+    for label, group in runs.items():
+        acc, sem = mean_sem([r.after["accuracy"] for r in group])
+        win, win_sem = mean_sem(wins[label])
+        lines.append(
+            f"| {label} | {100 * acc:.1f} ± {100 * sem:.1f} | {100 * (acc - seed_acc):+.1f} "
+            f"| {100 * win:.1f} ± {100 * win_sem:.1f} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def rm_main(setup: Setup) -> None:
+    """`--rm`: verifier-only, RM-only and mixed runs from one seed; writes bench/results/paper_rm.md."""
+    runs = run_all(setup)
+    wins = {label: [rm_win_rate(run, setup)[0] for run in group] for label, group in runs.items()}
+    md = rm_table(runs, wins, setup)
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / "paper_rm.md").write_text(md)
+    print(md)
+    rows = []
+    for label, group in runs.items():
+        rows += [row(f"{label}: held-out accuracy", mean_sem([r.after["accuracy"] for r in group])[0], None, "ratio")]
+        rows += [row(f"{label}: tiny-RM win rate vs seed", mean_sem(wins[label])[0], None, "ratio")]
+    print_table(rows)
+    print(f"recorded in {record('paper_rm', rows)}")
+
+
 def first_reaching(curve: list[tuple[int, float, float]], target: float) -> float | None:
     """Training seconds to the first checkpoint (the seed itself excluded) at or above `target`."""
     return next((seconds for step, seconds, accuracy in curve if step > 0 and accuracy >= target), None)
@@ -148,8 +205,7 @@ def plot(runs: dict[str, list[Run]], labels: list[str], name: str, title: str) -
 
 def table(runs: dict[str, list[Run]], setup: Setup, reached: dict[str, float | None], target: float) -> str:
     """Markdown shaped like the paper's Table 1 (one benchmark: the toy test split)."""
-    first = next(iter(runs.values()))
-    seed_acc, seed_sem = mean_sem([r.before["accuracy"] for r in first])
+    seed_acc, seed_sem = seed_accuracy(runs)
     lines = [
         f"# The paper's Table 1 in miniature (toy addition, tiny seed; {setup.steps} steps × 32 prompts × 8 samples)",
         "",
@@ -257,9 +313,13 @@ def main() -> None:
     parser.add_argument("--curves", choices=["heldout", "train"], default="heldout", help="--sweep: curve source")
     parser.add_argument("--report", action="store_true", help="--sweep: re-render from the last sweep's records")
     parser.add_argument("--resume", action="store_true", help="--sweep: run only the cells the records lack")
+    parser.add_argument("--rm", action="store_true", help="verifier-only, RM-only and mixed runs (Table 3)")
     args = parser.parse_args()
     if args.sweep:
         print(sweep(args))
+        return
+    if args.rm:
+        rm_main(Setup(args.steps or 40, args.seeds or 1, 200, 4, RM_ROWS, []))
         return
     if args.quick:
         setup = Setup(args.steps or 12, args.seeds or 1, 100, 2, [MAIN[0], MAIN[1], MAIN[3]], [])
