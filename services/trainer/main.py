@@ -150,6 +150,7 @@ def _serve_main(settings: TrainerSettings, config: RunConfig, run_id: str, engin
     plan = PromptPlan(config, problems, run_id, token_count=lambda p: len(prompt_token_ids(tokenizer, p.chat())))
     transport = BrokerClient(settings.broker_addr, run_id, keyframe_every=settings.keyframe_every)
     loop = TrainLoop(engine, tokenizer, client, Feeder(client, plan), transport, settings.run_dir, run_id)
+    loop.publisher.broadcaster = _broadcaster(settings, transport)
     server = ServiceServer("trainer", settings.host, settings.grpc_port or default_port("trainer"))
     server.add_servicer(trainer_pb2_grpc.add_TrainerServicer_to_server, TrainerServicer(loop), "cadence.v1.Trainer")
     server.start()
@@ -164,7 +165,20 @@ def _serve_main(settings: TrainerSettings, config: RunConfig, run_id: str, engin
         raise
     finally:
         server.stop(settings.grace_seconds)
+        if loop.publisher.broadcaster is not None:
+            loop.publisher.broadcaster.close()
         transport.close()
+
+
+def _broadcaster(settings: TrainerSettings, transport: Any) -> Any:
+    """The collective path's sender (`CADENCE_BROADCAST`), or None when off."""
+    if not settings.broadcast:
+        return None
+    from cadence.net import reachable_host
+    from cadence.trainer.broadcasting import Broadcaster
+
+    host = reachable_host(settings.broadcast_addr)
+    return Broadcaster(transport, host, backend=settings.broadcast_backend, timeout_s=settings.broadcast_timeout_s)
 
 
 if __name__ == "__main__":  # the per-rank entry point of torchrun / the deepspeed launcher
