@@ -14,7 +14,9 @@ curve's best mean accuracy (at its best lr) minus 2 points; per seed the first c
 Budget (full, the defaults): 3 lr (5e-4, 1.5e-4, 5e-5: 10×) × 5 regimes × 3 seeds = 45 runs of 80 steps,
 sized to about an hour on 2 quiet cores (≈0.45 s per step + ~35 s of start-up and before/after evaluation +
 5 checkpoint evals per run); measured 2026-12-02 on the shared sandbox (load 5-11) a run took ~3 min, so
-there the grid takes ~2 h 15 min: stop it and go on with `--resume`. Each finished run is appended to
+there the grid takes ~2 h 15 min: stop it and go on with `--resume`. On quieter cores (load 1.3-2.9, other
+benchmarks kept off by a lock) 19 runs took about 25 min (~80 s a run), so the grid fits the hour.
+Each finished run is appended to
 bench/results/sweep_runs.jsonl (its curve and folder), so `--report` re-renders sweep.md, sweep.json (cells,
 ordering with seed spread) and sweep_*.png from it without re-running.
 """
