@@ -97,21 +97,12 @@ def _idle_main(settings: TrainerSettings, config: RunConfig, run_id: str, finish
     """A finished run's trainer restarted (a StatefulSet restarts a container that exited 0): report the run
     done over gRPC and in Redis until stopped, so the run's end stays its end."""
     from cadence import streams
-    from cadence.grpc import ServiceServer
-    from cadence.metrics import serve_metrics
     from cadence.trainer.loop import LoopState
-    from cadence.trainer.server import TrainerServicer
-    from cadence.v1 import trainer_pb2_grpc
 
     run = FinishedRun(config, run_id, LoopState(finished["step"], finished["version"], "done"))
     fields = {"state": "done", "step": run.status.step, "version": run.status.version}
     streams.write_meta(streams.connect(settings.redis_url), run_id, fields | {"total_steps": config.steps})
-    server = ServiceServer("trainer", settings.host, settings.grpc_port or default_port("trainer"))
-    server.add_servicer(trainer_pb2_grpc.add_TrainerServicer_to_server, TrainerServicer(run), "cadence.v1.Trainer")
-    server.start()
-    serve_metrics(settings.metrics_port)
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: run.request_stop("signal"))
+    server = _start_service(settings, run)
     log.info("run %s finished at step %d; idle until stopped", run_id, run.status.step)
     try:
         run.stopped.wait()
@@ -135,13 +126,9 @@ def _serve_main(settings: TrainerSettings, config: RunConfig, run_id: str, engin
     from cadence import streams
     from cadence.chat import prompt_token_ids
     from cadence.clients.broker import BrokerClient
-    from cadence.grpc import ServiceServer
-    from cadence.metrics import serve_metrics
     from cadence.tasks import load_problems
     from cadence.trainer.feeder import Feeder, PromptPlan
     from cadence.trainer.loop import TrainLoop
-    from cadence.trainer.server import TrainerServicer
-    from cadence.v1 import trainer_pb2_grpc
 
     client = streams.connect(settings.redis_url)
     meta = {"config": dump_run_config(config), "state": "starting", "total_steps": config.steps}
@@ -151,12 +138,7 @@ def _serve_main(settings: TrainerSettings, config: RunConfig, run_id: str, engin
     transport = BrokerClient(settings.broker_addr, run_id, keyframe_every=settings.keyframe_every)
     loop = TrainLoop(engine, tokenizer, client, Feeder(client, plan), transport, settings.run_dir, run_id)
     loop.publisher.broadcaster = _broadcaster(settings, transport)
-    server = ServiceServer("trainer", settings.host, settings.grpc_port or default_port("trainer"))
-    server.add_servicer(trainer_pb2_grpc.add_TrainerServicer_to_server, TrainerServicer(loop), "cadence.v1.Trainer")
-    server.start()
-    serve_metrics(settings.metrics_port)
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: loop.request_stop("signal"))
+    server = _start_service(settings, loop)
     try:
         loop.run()
     except BaseException:
@@ -181,6 +163,25 @@ def _broadcaster(settings: TrainerSettings, transport: Any) -> Any:
     return Broadcaster(transport, host, backend=settings.broadcast_backend, timeout_s=settings.broadcast_timeout_s)
 
 
+def _start_service(settings: TrainerSettings, target: Any) -> Any:
+    """Serve the Trainer gRPC service and the metrics endpoint for `target` (the loop, or a finished run), and
+    make SIGTERM/SIGINT ask it to stop. Returns the started server: the caller stops it."""
+    from cadence.grpc import ServiceServer
+    from cadence.metrics import serve_metrics
+    from cadence.trainer.server import TrainerServicer
+    from cadence.v1 import trainer_pb2_grpc
+
+    server = ServiceServer("trainer", settings.host, settings.grpc_port or default_port("trainer"))
+    server.add_servicer(trainer_pb2_grpc.add_TrainerServicer_to_server, TrainerServicer(target), "cadence.v1.Trainer")
+    server.start()
+    serve_metrics(settings.metrics_port)
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: target.request_stop("signal"))
+    return server
+
+
+# Last in the module: under torchrun (`-m cadence.trainer.main`) this module is __main__, so anything defined
+# below this block would not exist yet when serve() runs (a helper placed below it failed on rank 0).
 if __name__ == "__main__":  # the per-rank entry point of torchrun / the deepspeed launcher
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     exit_on_error(lambda: serve(from_argv(TrainerSettings, sys.argv[1:], prog="cadence.trainer.main")))
