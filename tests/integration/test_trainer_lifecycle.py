@@ -15,7 +15,8 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +31,7 @@ from cadence.net import free_port
 from cadence.v1 import trainer_pb2, trainer_pb2_grpc
 
 from .test_trainer_loop import Generator, broker_target  # noqa: F401  (the broker fixture)
-from .test_trainer_service import clean_env
+from .test_trainer_service import clean_env, config_of
 
 RESUMED = re.compile(r"resumed from checkpoint \S*/(step-\d+)")
 # Timeouts allow for a 2-core machine shared by many jobs (load 20+), where a trainer's start took 2+ minutes.
@@ -104,62 +105,64 @@ class Trainer:
 
 
 @pytest.fixture
-def trainers() -> Iterator[list[Trainer]]:
+def start_trainer(
+    redis_url: str,
+    broker_target: str,  # noqa: F811
+    tmp_path: Path,
+) -> Iterator[Callable[..., Trainer]]:
+    """`start_trainer(config, name)`: a trainer process of the config's run; every run of a test shares one
+    CADENCE_RUN_DIR (`tmp_path/runs`, the chart's volume). Those still running at the end are killed."""
     started: list[Trainer] = []
-    yield started
+
+    def start(config: dict[str, Any], name: str) -> Trainer:
+        started.append(Trainer(tmp_path / "runs", config, redis_url, broker_target, name))
+        return started[-1]
+
+    yield start
     for trainer in started:
         trainer.kill()
 
 
 @pytest.fixture
-def tokenizer(untrained_tiny_model_dir: Path) -> Any:
-    return AutoTokenizer.from_pretrained(untrained_tiny_model_dir)
+def generating(
+    redis_url: str,
+    broker_target: str,  # noqa: F811
+    untrained_tiny_model_dir: Path,
+) -> Callable[[str], AbstractContextManager[Generator]]:
+    """`with generating(run_id):` the stand-in inference + reward answers the run's prompts."""
+    tokenizer = AutoTokenizer.from_pretrained(untrained_tiny_model_dir)
 
+    @contextmanager
+    def run(run_id: str) -> Iterator[Generator]:
+        generator = Generator(redis_url, run_id, broker_target, tokenizer)
+        generator.start()
+        try:
+            yield generator
+        finally:
+            generator.stop()
 
-def config_of(run_id: str, model: Path, steps: int, **extra: Any) -> dict[str, Any]:
-    return {
-        "run_id": run_id,
-        "model": {"path": str(model)},
-        "steps": steps,
-        "batch_prompts": 2,
-        "sync_every": 1,
-        "sampling": {"n": 2, "max_tokens": 14},
-        "tasks": [{"name": "toy", "limit": 40}],
-    } | extra
+    return run
 
 
 @pytest.mark.slow  # two or three trainer starts: 1-2 min on 2 loaded cores
 def test_the_next_run_starts_clean_after_a_stopped_run(
-    trainers: list[Trainer],
+    start_trainer: Callable[..., Trainer],
+    generating: Callable[[str], AbstractContextManager[Generator]],
     redis_url: str,
-    broker_target: str,  # noqa: F811
     untrained_tiny_model_dir: Path,
-    tokenizer: Any,
-    tmp_path: Path,
 ) -> None:
     """Run A is stopped as `cadence k8s stop` stops it (SIGTERM: checkpoint, exit 0); run B, submitted next
     into the same CADENCE_RUN_DIR, trains from step 0 in its own folder and leaves A's alone."""
-    root = tmp_path / "runs"
-    generator_a = Generator(redis_url, "life-a", broker_target, tokenizer)
-    generator_a.start()
-    try:
-        a = Trainer(root, config_of("life-a", untrained_tiny_model_dir, 200), redis_url, broker_target, "a")
-        trainers.append(a)
+    with generating("life-a"):
+        a = start_trainer(config_of("life-a", untrained_tiny_model_dir, 200), "a")
         a.wait_for_steps(3)
         a.proc.send_signal(signal.SIGTERM)
         assert a.wait() == 0, a.output()[-3000:]
-    finally:
-        generator_a.stop()
     stopped_at = len(a.ledger_steps())
     assert (a.folder / "checkpoints" / "latest").read_text() == f"step-{stopped_at}"
-    generator_b = Generator(redis_url, "life-b", broker_target, tokenizer)
-    generator_b.start()
-    try:
-        b = Trainer(root, config_of("life-b", untrained_tiny_model_dir, 3), redis_url, broker_target, "b")
-        trainers.append(b)
+    with generating("life-b"):
+        b = start_trainer(config_of("life-b", untrained_tiny_model_dir, 3), "b")
         assert b.wait() == 0, b.output()[-3000:]
-    finally:
-        generator_b.stop()
     assert b.resumed_from() is None, "run B loaded a checkpoint: it resumed run A"
     assert b.ledger_steps() == [0, 1, 2]
     assert (b.folder / "final" / "config.json").exists()
@@ -170,33 +173,25 @@ def test_the_next_run_starts_clean_after_a_stopped_run(
 
 @pytest.mark.slow  # two or three trainer starts: 1-2 min on 2 loaded cores
 def test_a_finished_run_stays_finished_across_trainer_restarts(
-    trainers: list[Trainer],
+    start_trainer: Callable[..., Trainer],
+    generating: Callable[[str], AbstractContextManager[Generator]],
     redis_url: str,
-    broker_target: str,  # noqa: F811
     untrained_tiny_model_dir: Path,
-    tokenizer: Any,
     tmp_path: Path,
 ) -> None:
     """The trainer finishes (exit 0, `finished.json`); restarted twice, it reports the run done and idles,
     writing no final model, checkpoint, ledger line or meta step, and exits 0 when stopped. It loads nothing
     to idle: the restarts' model folder is gone (a trainer that loaded the model or DeepSpeed would fail)."""
-    root = tmp_path / "runs"
     config = config_of("life-done", untrained_tiny_model_dir, 3)
-    generator = Generator(redis_url, "life-done", broker_target, tokenizer)
-    generator.start()
-    try:
-        first = Trainer(root, config, redis_url, broker_target, "first")
-        trainers.append(first)
+    with generating("life-done"):
+        first = start_trainer(config, "first")
         assert first.wait() == 0, first.output()[-3000:]
-    finally:
-        generator.stop()
     folder = first.folder
     assert json.loads((folder / "finished.json").read_text())["step"] == 3
     written = {p: p.stat().st_mtime_ns for p in folder.rglob("*") if p.is_file()}
     without_model = config | {"model": {"path": str(tmp_path / "deleted-model")}}
     for attempt in ("second", "third"):
-        again = Trainer(root, without_model, redis_url, broker_target, attempt)
-        trainers.append(again)
+        again = start_trainer(without_model, attempt)
         status = again.status()
         assert (status.state, status.step, status.version) == ("done", 3, 3)
         time.sleep(1.0)
@@ -212,37 +207,26 @@ def test_a_finished_run_stays_finished_across_trainer_restarts(
 @pytest.mark.slow  # two or three trainer starts: 1-2 min on 2 loaded cores
 @pytest.mark.timeout(1200)
 def test_a_preempted_trainer_resumes_near_where_it_stopped(
-    trainers: list[Trainer],
-    redis_url: str,
-    broker_target: str,  # noqa: F811
+    start_trainer: Callable[..., Trainer],
+    generating: Callable[[str], AbstractContextManager[Generator]],
     untrained_tiny_model_dir: Path,
-    tokenizer: Any,
-    tmp_path: Path,
 ) -> None:
     """No checkpoint_every in the config (the default: every steps/20 = 2 steps here). SIGTERM: the trainer
     checkpoints the step it reached and the restart resumes there; SIGKILL: the restart resumes at the last
     default checkpoint, not at 0 or the SIGTERM's step; every step is recorded once in the end."""
-    root = tmp_path / "runs"
     config = config_of("life-preempt", untrained_tiny_model_dir, 40)
-    generator = Generator(redis_url, "life-preempt", broker_target, tokenizer)
-    generator.start()
-    try:
-        first = Trainer(root, config, redis_url, broker_target, "first")
-        trainers.append(first)
+    with generating("life-preempt"):
+        first = start_trainer(config, "first")
         first.wait_for_steps(3)
         first.proc.send_signal(signal.SIGTERM)
         assert first.wait() == 0, first.output()[-3000:]
         terminated_at = len(first.ledger_steps())
-        second = Trainer(root, config, redis_url, broker_target, "second")
-        trainers.append(second)
+        second = start_trainer(config, "second")
         second.wait_for_steps(terminated_at + 5)
         second.kill()
         killed_at = len(second.ledger_steps())
-        third = Trainer(root, config, redis_url, broker_target, "third")
-        trainers.append(third)
+        third = start_trainer(config, "third")
         assert third.wait(600) == 0, third.output()[-3000:]
-    finally:
-        generator.stop()
     assert second.resumed_from() == f"step-{terminated_at}"
     resumed = int((third.resumed_from() or "step-0").removeprefix("step-"))
     assert resumed % 2 == 0 and killed_at - 2 <= resumed <= killed_at, (terminated_at, killed_at, resumed)

@@ -9,6 +9,7 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
@@ -30,6 +31,19 @@ def clean_env() -> dict[str, str]:
     return {k: v for k, v in os.environ.items() if k not in dist} | {"OMP_NUM_THREADS": "1"}
 
 
+def config_of(run_id: str, model: Path, steps: int, **extra: Any) -> dict[str, Any]:
+    """A toy run's config for a trainer process (s = 1, 2 prompts of 2 samples a step)."""
+    return {
+        "run_id": run_id,
+        "model": {"path": str(model)},
+        "steps": steps,
+        "batch_prompts": 2,
+        "sync_every": 1,
+        "sampling": {"n": 2, "max_tokens": 14},
+        "tasks": [{"name": "toy", "limit": 40}],
+    } | extra
+
+
 @pytest.fixture
 def trainer_process(
     redis_url: str,
@@ -37,15 +51,7 @@ def trainer_process(
     untrained_tiny_model_dir: Path,
     tmp_path: Path,
 ) -> Iterator[tuple[subprocess.Popen, str]]:
-    config = {
-        "run_id": "svc",
-        "model": {"path": str(untrained_tiny_model_dir)},
-        "steps": 200,
-        "batch_prompts": 2,
-        "sync_every": 1,
-        "sampling": {"n": 2, "max_tokens": 14},
-        "tasks": [{"name": "toy", "limit": 20}],
-    }
+    config = config_of("svc", untrained_tiny_model_dir, 200, tasks=[{"name": "toy", "limit": 20}])
     (tmp_path / "run.yaml").write_text(yaml.safe_dump(config))
     port = free_port()
     args = [sys.executable, "-m", "cadence.app.cli", "serve", "trainer", "--config", str(tmp_path / "run.yaml")]
@@ -104,16 +110,8 @@ def test_two_process_zero2_run_under_torchrun(
 ) -> None:
     """The multi-process form: `torchrun --nproc-per-node 2 -m cadence.trainer.main --config RUN.yaml`
     with ZeRO-2 trains s = 2 for 4 steps, publishes versions 2 and 4 and saves the final model."""
-    config = {
-        "run_id": "ddp",
-        "model": {"path": str(untrained_tiny_model_dir)},
-        "steps": 4,
-        "batch_prompts": 2,
-        "sync_every": 2,
-        "sampling": {"n": 2, "max_tokens": 14},
-        "tasks": [{"name": "toy", "limit": 20}],
-        "deepspeed": {"zero_stage": 2},
-    }
+    toy = [{"name": "toy", "limit": 20}]
+    config = config_of("ddp", untrained_tiny_model_dir, 4, sync_every=2, tasks=toy, deepspeed={"zero_stage": 2})
     (tmp_path / "run.yaml").write_text(yaml.safe_dump(config))
     args = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1"]
     args += ["--master-port", str(free_port()), "-m", "cadence.trainer.main", "--config", str(tmp_path / "run.yaml")]
