@@ -23,7 +23,8 @@ as the trainer publishes them on GPU (bf16, `cadence.weights.pack`), and
    this machine's cores is a floor no overlap can beat: `CPU floor for 4 ÷ time for 1` above 1.5 means the
    time goal cannot be met on these cores, however the bytes are routed. Measured 2026-12-02 04:22 (load 2-3):
    one fetcher takes 0.52 s and 0.63 CPU s (relay route; 0.59 s and 0.77 CPU s from the broker), so 4 need at
-   least 4 × 0.63 ÷ 2 cores = 1.26 s = 2.4× one fetcher's time before any contention (2.6× from the broker).
+   least 4 × 0.63 ÷ 2 cores = 1.26 s = 2.4× one fetcher's time before any contention (2.6× from the broker);
+   again at 04:54 (load 1.6-2.8): 0.70 CPU s in 0.525 s, 2.7×; 4 fetchers through relays took 3.61 s.
 
 s = 1 figures are the mean over the ten consecutive pairs (Adam's first step moves every weight by the full
 lr, later ones by less); the candidates are compared on the last pair. MB = 10^6 bytes.
