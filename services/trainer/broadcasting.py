@@ -48,6 +48,7 @@ class Broadcaster:
         self._sending: threading.Thread | None = None
         self._rendezvous = ""  # the address announced for a new epoch; a fresh port once an epoch took it
         self.sent = 0  # versions broadcast whole (for tests and logs)
+        self.group = broker_pb2.BroadcastGroup()  # the broker's answer to the last `form`
 
     def form(self, version: int) -> broker_pb2.BroadcastGroup:
         """The group that takes `version` (ask before publishing it, so members that see it find their group)."""
@@ -61,7 +62,7 @@ class Broadcaster:
             failed_epoch=self._failed,
             backend=self.backend,
         )
-        group = self.broker.unary("FormGroup", request)
+        group = self.group = self.broker.unary("FormGroup", request)
         self._failed = None
         if group.members and group.epoch != self._epoch and group.master_addr == self._rendezvous:
             self._rendezvous = ""  # this epoch opens there; the next one gets another port

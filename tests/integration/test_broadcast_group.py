@@ -9,6 +9,7 @@ One vLLM engine for the module (~30 s to start); each test is a few seconds of g
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -23,6 +24,7 @@ from cadence.inference.broadcast import BroadcastMember
 from cadence.inference.engine import Generation, SamplingParams
 from cadence.inference.hf_engine import HFEngine
 from cadence.trainer.broadcasting import Broadcaster
+from cadence.trainer.publishing import Publisher
 from cadence.v1 import broker_pb2
 from cadence.weights import Packed, pack
 
@@ -38,12 +40,8 @@ TIMEOUT_S = 5.0
 
 
 @pytest.fixture(scope="module")
-def engine(tiny_model_dir: Path) -> Iterator[VllmEngine]:
-    from cadence.inference.vllm_engine import VllmEngine
-
-    engine = VllmEngine(tiny_model_dir, dtype="float32")
-    yield engine
-    engine.close()
+def engine(vllm_engine: VllmEngine) -> VllmEngine:
+    return vllm_engine
 
 
 @pytest.fixture(scope="module")
@@ -52,21 +50,24 @@ def seed(tiny_model_dir: Path) -> dict[str, torch.Tensor]:
 
 
 class Trainer:
-    """The trainer's publishing path: form the group, publish to the broker, broadcast."""
+    """The trainer's publishing path (`Publisher` with a `Broadcaster`: form the group, publish, broadcast)."""
 
     def __init__(self, broker: str, backend: str = "gloo") -> None:
         self.client = BrokerClient(broker, RUN, keyframe_every=1)
         self.broadcaster = Broadcaster(self.client, "127.0.0.1", backend=backend, timeout_s=TIMEOUT_S)
+        self.publisher = Publisher(self.client, threading.Event())
+        self.publisher.broadcaster = self.broadcaster
 
     def publish(self, state: dict[str, torch.Tensor], version: int, damage: bool = False) -> broker_pb2.BroadcastGroup:
-        group = self.broadcaster.form(version)
+        if not damage:
+            self.publisher.publish(state, version)
+            return self.broadcaster.group
+        group = self.broadcaster.form(version)  # the same steps, with one byte flipped on the wire only
         packed = pack(state, run_id=RUN, version=version)
         self.client.publish_packed(packed)
-        if damage:  # one flipped byte on the wire; the broker holds the true version
-            wire = bytearray(packed.payload)
-            wire[len(wire) // 2] ^= 0xFF
-            packed = Packed(packed.manifest, wire)
-        self.broadcaster.send(group, packed)
+        wire = bytearray(packed.payload)
+        wire[len(wire) // 2] ^= 0xFF
+        self.broadcaster.send(group, Packed(packed.manifest, wire))
         return group
 
     def close(self) -> None:

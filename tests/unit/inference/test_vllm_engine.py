@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -32,12 +31,8 @@ GREEDY = SamplingParams(temperature=0.0, max_tokens=14)
 
 
 @pytest.fixture(scope="module")
-def engine(tiny_model_dir: Path) -> Iterator[VllmEngine]:
-    from cadence.inference.vllm_engine import VllmEngine
-
-    engine = VllmEngine(tiny_model_dir, dtype="float32")
-    yield engine
-    engine.close()
+def engine(vllm_engine: VllmEngine) -> VllmEngine:
+    return vllm_engine
 
 
 @pytest.fixture(scope="module")
