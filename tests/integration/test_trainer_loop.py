@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -102,14 +102,6 @@ class Generator(threading.Thread):
         self.broker.close()
 
 
-def make_loop(model_dir: Path, config: RunConfig, redis_url: str, broker: Any, run_dir: Path) -> TrainLoop:
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    client = streams.connect(redis_url)
-    plan = PromptPlan(config, [load_problems(task) for task in config.tasks], config.run_id)
-    engine = TrainEngine(model_dir, config)
-    return TrainLoop(engine, tokenizer, client, Feeder(client, plan), broker, run_dir, config.run_id)
-
-
 def run_config(**fields: Any) -> RunConfig:
     base = {
         "run_id": "loop",
@@ -136,18 +128,41 @@ def generator(redis_url: str, broker_target: str, untrained_tiny_model_dir: Path
     gen.stop()
 
 
+@pytest.fixture
+def broker(broker_target: str) -> Iterator[BrokerClient]:
+    """The trainer's real broker client for run `loop`."""
+    with BrokerClient(broker_target, "loop") as client:
+        yield client
+
+
+@pytest.fixture
+def new_loop(
+    generator: Generator, redis_url: str, broker: BrokerClient, untrained_tiny_model_dir: Path, tmp_path: Path
+) -> Callable[..., TrainLoop]:
+    """`new_loop(config, transport=broker)`: a training loop on the tiny model, real Redis and the broker, its run
+    folder `tmp_path`, the stand-in generator answering. A second call is the trainer restarted in that folder."""
+    tokenizer = AutoTokenizer.from_pretrained(untrained_tiny_model_dir)
+
+    def make(config: RunConfig, transport: Any = broker) -> TrainLoop:
+        client = streams.connect(redis_url)
+        plan = PromptPlan(config, [load_problems(task) for task in config.tasks], config.run_id)
+        engine = TrainEngine(untrained_tiny_model_dir, config)
+        return TrainLoop(engine, tokenizer, client, Feeder(client, plan), transport, tmp_path, config.run_id)
+
+    return make
+
+
 def test_semi_online_s2_trains_only_on_rule_versions(
-    generator: Generator, redis_url: str, broker_target: str, untrained_tiny_model_dir: Path, tmp_path: Path
+    generator: Generator, broker: BrokerClient, new_loop: Callable[..., TrainLoop], tmp_path: Path
 ) -> None:
     """s = 2: steps 0–1 train on version 0, steps 2–3 on version 2; a version-0 rollout for step 2 is
     rejected (counted, prompt re-enqueued), never trained on; block 1 is released only once version 2 is
     on the broker; step 1's rollouts delivered twice are trained once; versions 2 and 4 are published; the
     final policy is saved as an HF model."""
     generator.duplicate_step = 1
-    with BrokerClient(broker_target, "loop") as broker:
-        loop = make_loop(untrained_tiny_model_dir, run_config(), redis_url, broker, tmp_path)
-        assert loop.run().state == "done"
-        assert broker.latest().version == 4
+    loop = new_loop(run_config())
+    assert loop.run().state == "done"
+    assert broker.latest().version == 4
     ledger = read_jsonl(tmp_path / "ledger.jsonl")
     assert [row["policy_versions"] for row in ledger] == [[0, 0], [0, 0], [2, 2], [2, 2]]
     assert [row["samples"] for row in ledger] == [8, 8, 8, 8]
@@ -169,19 +184,16 @@ def test_semi_online_s2_trains_only_on_rule_versions(
 @pytest.mark.parametrize("ref_sync_every", [2, None])
 def test_reference_is_the_last_sync_point_or_the_seed(
     ref_sync_every: int | None,
-    generator: Generator,
-    redis_url: str,
-    broker_target: str,
+    broker: BrokerClient,
+    new_loop: Callable[..., TrainLoop],
     untrained_tiny_model_dir: Path,
-    tmp_path: Path,
 ) -> None:
     """s = 2, 3 steps: with ref_sync_every = 2 the reference is exactly version 2 (as published, not the
     current policy); with null it is still the seed."""
     config = run_config(steps=3, ref_sync_every=ref_sync_every)
-    with BrokerClient(broker_target, "loop") as broker:
-        loop = make_loop(untrained_tiny_model_dir, config, redis_url, broker, tmp_path)
-        loop.run()
-        version2 = broker.fetch(2)
+    loop = new_loop(config)
+    loop.run()
+    version2 = broker.fetch(2)
     reference, policy = loop.engine.reference.state_dict(), loop.engine.full_state_dict()
     seed = AutoModelForCausalLM.from_pretrained(untrained_tiny_model_dir).state_dict()
     expected = version2 if ref_sync_every else seed
@@ -190,16 +202,15 @@ def test_reference_is_the_last_sync_point_or_the_seed(
 
 
 def test_offline_enqueues_everything_at_version_zero_and_never_publishes(
-    generator: Generator, redis_url: str, broker_target: str, untrained_tiny_model_dir: Path, tmp_path: Path
+    generator: Generator, broker: BrokerClient, new_loop: Callable[..., TrainLoop], tmp_path: Path
 ) -> None:
     config = run_config(sync_every=None, steps=3)
     generator.bad_step = None
-    with BrokerClient(broker_target, "loop") as broker:
-        loop = make_loop(untrained_tiny_model_dir, config, redis_url, broker, tmp_path)
-        loop.feeder.top_up(trainer_step=0, version=0)
-        assert loop.feeder.next_step == 3  # the whole run at once
-        loop.run()
-        assert broker.latest() is None
+    loop = new_loop(config)
+    loop.feeder.top_up(trainer_step=0, version=0)
+    assert loop.feeder.next_step == 3  # the whole run at once
+    loop.run()
+    assert broker.latest() is None
     assert [row["policy_versions"] for row in read_jsonl(tmp_path / "ledger.jsonl")] == [[0, 0]] * 3
     assert {min_version for _, min_version, _ in generator.seen} == {0}
 
@@ -221,7 +232,7 @@ class CrashAfterPublishing:
 
 
 def test_crash_and_restart_resume_without_loss_or_duplication(
-    generator: Generator, redis_url: str, broker_target: str, untrained_tiny_model_dir: Path, tmp_path: Path
+    generator: Generator, broker: BrokerClient, new_loop: Callable[..., TrainLoop], tmp_path: Path
 ) -> None:
     """Online (s = 1), checkpoint every 2 steps, 6 steps. The trainer dies after publishing version 4
     (its last checkpoint is after step 2), restarts from that checkpoint, replays steps 2–3 from the
@@ -229,14 +240,13 @@ def test_crash_and_restart_resume_without_loss_or_duplication(
     exactly once, every step recorded once, versions 1–6 each published once."""
     config = run_config(sync_every=1, steps=6, checkpoint_every=2)
     generator.bad_step = None
-    with BrokerClient(broker_target, "loop") as broker:
-        crashing = make_loop(untrained_tiny_model_dir, config, redis_url, CrashAfterPublishing(broker, 4), tmp_path)
-        with pytest.raises(RuntimeError, match="killed"):
-            crashing.run()
-        assert [row["step"] for row in read_jsonl(tmp_path / "ledger.jsonl")] == [0, 1, 2]
-        restarted = make_loop(untrained_tiny_model_dir, config, redis_url, broker, tmp_path)
-        assert restarted.run().state == "done"
-        assert broker.latest().version == 6
+    crashing = new_loop(config, CrashAfterPublishing(broker, 4))
+    with pytest.raises(RuntimeError, match="killed"):
+        crashing.run()
+    assert [row["step"] for row in read_jsonl(tmp_path / "ledger.jsonl")] == [0, 1, 2]
+    restarted = new_loop(config)
+    assert restarted.run().state == "done"
+    assert broker.latest().version == 6
     ledger = read_jsonl(tmp_path / "ledger.jsonl")
     assert [row["step"] for row in ledger] == list(range(6))
     trained = [pid for row in ledger for pid in row["prompt_ids"]]
@@ -250,14 +260,13 @@ def test_crash_and_restart_resume_without_loss_or_duplication(
 
 
 def test_grpo_old_policy_is_the_last_published_version_with_a_fixed_reference(
-    generator: Generator, redis_url: str, broker_target: str, untrained_tiny_model_dir: Path, tmp_path: Path
+    broker: BrokerClient, new_loop: Callable[..., TrainLoop], untrained_tiny_model_dir: Path, tmp_path: Path
 ) -> None:
     """GRPO, s = 2, reference fixed at the seed: π_old is its own snapshot, equal to version 2 after 3 steps."""
     config = run_config(steps=3, ref_sync_every=None, algorithm={"type": "grpo", "kl_beta": 0.01})
-    with BrokerClient(broker_target, "loop") as broker:
-        loop = make_loop(untrained_tiny_model_dir, config, redis_url, broker, tmp_path)
-        loop.run()
-        version2 = broker.fetch(2)
+    loop = new_loop(config)
+    loop.run()
+    version2 = broker.fetch(2)
     assert loop.engine.old_policy is not None
     old, reference = loop.engine.old_policy.state_dict(), loop.engine.reference.state_dict()
     seed = AutoModelForCausalLM.from_pretrained(untrained_tiny_model_dir).state_dict()
@@ -272,33 +281,25 @@ def test_grpo_old_policy_is_the_last_published_version_with_a_fixed_reference(
     ("keep", "kept"), [(None, ["step-3", "step-4"]), (4, ["step-1", "step-2", "step-3", "step-4"])]
 )
 def test_keep_checkpoints_sets_how_many_stay_on_the_volume(
-    keep: int | None,
-    kept: list[str],
-    generator: Generator,
-    redis_url: str,
-    broker_target: str,
-    untrained_tiny_model_dir: Path,
-    tmp_path: Path,
+    keep: int | None, kept: list[str], new_loop: Callable[..., TrainLoop], tmp_path: Path
 ) -> None:
     """A checkpoint every step over 4 steps: the default keeps the newest two; `keep_checkpoints` 4 keeps every
     one (bench.sweep evaluates each checkpoint after the run)."""
     extra = {} if keep is None else {"keep_checkpoints": keep}
     config = run_config(sync_every=1, checkpoint_every=1, **extra)
-    with BrokerClient(broker_target, "loop") as broker:
-        make_loop(untrained_tiny_model_dir, config, redis_url, broker, tmp_path).run()
+    new_loop(config).run()
     assert sorted(p.name for p in (tmp_path / "checkpoints").glob("step-*")) == kept
 
 
 def test_online_releases_the_next_prompts_before_its_records_and_checkpoint(
-    generator: Generator, redis_url: str, broker_target: str, untrained_tiny_model_dir: Path, tmp_path: Path
+    generator: Generator, new_loop: Callable[..., TrainLoop], tmp_path: Path
 ) -> None:
     """s = 1 with a checkpoint every step: step t + 1's prompts are in the stream before the checkpoint after
     step t is written (at s = 1 the generator would idle through it), and each step's clock starts where the
     previous one's ended, so the checkpoint counts in the next step's wait."""
     config = run_config(sync_every=1, steps=4, checkpoint_every=1, keep_checkpoints=4)
     generator.bad_step = None
-    with BrokerClient(broker_target, "loop") as broker:
-        make_loop(untrained_tiny_model_dir, config, redis_url, broker, tmp_path).run()
+    new_loop(config).run()
     released: dict[int, float] = {}
     for entry_id, prompt_id in archived(tmp_path, "prompts").items():
         step = int(prompt_id[1:].split(".")[0])
