@@ -90,7 +90,7 @@ def _sft(model: PreTrainedModel, tokenizer: Any, seed: int, test: list[Problem])
     with progress() as bar:
         task = bar.add_task(f"SFT tiny (seed {seed})", total=MAX_STEPS, status="")
         while step < MAX_STEPS:
-            _train_steps(model, optimizer, schedule, order, inputs, labels, interval)
+            sft_steps(model, optimizer, schedule, order, inputs, labels, interval)
             step += interval
             model.eval()
             accuracy = greedy_accuracy(model, tokenizer, test[:CHECK_PROMPTS])
@@ -107,7 +107,7 @@ def _sft(model: PreTrainedModel, tokenizer: Any, seed: int, test: list[Problem])
     raise RuntimeError(f"tiny seed {seed} did not reach {STOP_AT:.0%} in {MAX_STEPS} steps; try another --seed")
 
 
-def _train_steps(
+def sft_steps(
     model: Any,
     optimizer: Any,
     schedule: Any,
