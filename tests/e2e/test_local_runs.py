@@ -26,6 +26,9 @@ REGIMES = {
     "mixed": ("toy-mixed.yaml", []),
 }
 SMALL = ["steps=4", "batch_prompts=4", "sampling.n=4", "eval.max_problems=20", "inference.engine=hf"]
+WITH_RM = {"rm-dpo", "mixed"}
+"""Regimes whose config names `tiny-rm`: they score with a random RM of the same layout instead, because these
+runs test the pipeline, and building tiny-rm (its SFT and Bradley-Terry steps) takes minutes on 2 cores."""
 
 
 def run_cadence(config: str, overrides: list[str], runs_dir: Path) -> tuple[subprocess.CompletedProcess, Path]:
@@ -47,8 +50,10 @@ def read_jsonl(path: Path) -> list[dict]:
 
 
 @pytest.mark.parametrize("regime", list(REGIMES))
-def test_local_run(regime: str, tmp_path: Path, tiny_model_dir: Path) -> None:
+def test_local_run(regime: str, tmp_path: Path, tiny_model_dir: Path, request: pytest.FixtureRequest) -> None:
     config, overrides = REGIMES[regime]
+    if regime in WITH_RM:
+        overrides = [*overrides, f"reward_model={request.getfixturevalue('random_rm_dir')}"]
     before = {p.pid for p in psutil.process_iter()}
     result, run_dir = run_cadence(config, overrides, tmp_path)
     assert result.returncode == 0, f"{result.stdout}\n{result.stderr}"
