@@ -42,6 +42,26 @@ def test_wrong_sums_are_wrong_and_mostly_near_misses() -> None:
     assert 0.5 < sum(near) / len(near) < 0.9
 
 
+def test_a_copy_built_by_an_older_recipe_is_rebuilt(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A cached tiny-rm of recipe 1 (60-68 % on wrong sums) must not be served as today's model."""
+    from cadence.models import rm
+
+    monkeypatch.setenv("CADENCE_HOME", str(tmp_path))
+    built: list[Path] = []
+
+    def build(out: Path, seed: int) -> None:
+        built.append(out)
+        (out / MARKER).write_text(json.dumps({"kind": "tiny-rm", "recipe": rm.RECIPE}))
+
+    monkeypatch.setattr(rm, "_build", build)
+    old = tmp_path / "models" / "tiny-rm-seed0"
+    old.mkdir(parents=True)
+    (old / MARKER).write_text(json.dumps({"kind": "tiny-rm", "steps": 100}))
+    target = rm.build_tiny_rm(seed=0)
+    assert len(built) == 1 and json.loads((target / MARKER).read_text())["recipe"] == rm.RECIPE
+    assert rm.build_tiny_rm(seed=0) == target and len(built) == 1  # today's copy is reused
+
+
 @pytest.mark.slow  # builds tiny-rm on first use: 600 SFT + 1750 Bradley-Terry steps, ~6.5 min on 2 quiet cores
 def test_rm_ranks_correct_above_incorrect_on_fresh_heldout_pairs(tiny_rm_dir: Path) -> None:
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
